@@ -1,0 +1,362 @@
+"""Official PyTorch weights <-> Flax NNX InternImage.
+
+Names follow the official ``state_dict`` (spec section 5); each module declares how
+its children are named there (``torch_names``), so the same mapping serves a whole
+network or a single DCNv3 module with keys relative to it.
+
+Command line, official file -> orbax checkpoint directory::
+
+    python -m internimage_jax.convert --model internimage_t --checkpoint X.pth --out DIR
+
+and an orbax directory (or any readable weights file) -> official-layout safetensors::
+
+    python -m internimage_jax.convert --model internimage_t --checkpoint DIR --out X.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from internimage_jax.models.layers import TorchNamed
+
+# Leaf names of flax's own layers -> the PyTorch parameter name.
+_FLAX_LEAVES = {"kernel": "weight", "scale": "weight"}
+# Keys an official file may carry that hold no weights of ours to check.
+_OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+# Wrappers around the weights in the official and common training-tool files.
+_WRAPPER_KEYS = ("model", "state_dict", "module")
+MODEL_JSON = "model.json"
+STATE_DIR = "state"
+
+
+class CheckpointMismatchError(ValueError):
+  """A state dict does not fit the module; the message lists every problem."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What ``load_state_dict`` did not load (empty lists after a strict load)."""
+
+  missing: list[str]
+  unexpected: list[str]
+  mismatched: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+  variable: nnx.Variable
+  is_kernel: bool  # a flax kernel: transposed relative to PyTorch
+
+
+def _torch_path(root: nnx.Module, path: tuple[Any, ...]) -> str:
+  """The official name of the variable at ``path`` (as ``nnx.iter_graph`` gives it)."""
+  parts: list[str] = []
+  node: Any = root
+  i = 0
+  while i < len(path) - 1:
+    name = path[i]
+    child = node[name] if isinstance(name, int) else getattr(node, name)
+    mapped = type(node).torch_names.get(name) if isinstance(node, TorchNamed) else None
+    if mapped is not None and "{}" in mapped:
+      index = path[i + 1]
+      parts.append(mapped.format(index))
+      node = child[index]
+      i += 2
+      continue
+    parts.append(mapped if mapped is not None else str(name))
+    node = child
+    i += 1
+  leaf = path[-1]
+  if not isinstance(node, TorchNamed):
+    leaf = _FLAX_LEAVES.get(leaf, leaf)
+  parts.append(str(leaf))
+  return ".".join(parts)
+
+
+def _slots(module: nnx.Module) -> dict[str, _Slot]:
+  slots = {}
+  for path, node in nnx.iter_graph(module):
+    if isinstance(node, (nnx.Param, nnx.BatchStat)):
+      slots[_torch_path(module, path)] = _Slot(node, path[-1] == "kernel")
+  return slots
+
+
+def _to_torch_layout(value: np.ndarray, is_kernel: bool) -> np.ndarray:
+  if not is_kernel:
+    return value
+  if value.ndim == 4:  # conv [kh, kw, in, out] -> [out, in, kh, kw]
+    return value.transpose(3, 2, 0, 1)
+  return value.T  # linear [in, out] -> [out, in]
+
+
+def _from_torch_layout(value: np.ndarray, is_kernel: bool) -> np.ndarray:
+  if not is_kernel:
+    return value
+  if value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  return value.T
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor; bfloat16 has no numpy dtype
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def normalize_state_dict(state_dict: Mapping[str, Any], expected: set[str] | None = None
+                         ) -> dict[str, np.ndarray]:
+  """Numpy arrays under official names.
+
+  Strips a ``model.`` (Hugging Face) or ``module.`` (DDP) prefix carried by every key
+  and renames the Hugging Face ``layer_scale1/2`` to ``gamma1/2``.
+  """
+  sd = {str(k): v for k, v in state_dict.items()}
+  for prefix in ("module.", "model."):
+    if sd and all(k.startswith(prefix) for k in sd) and not (
+        expected and any(k in expected for k in sd)):
+      sd = {k[len(prefix):]: v for k, v in sd.items()}
+  renamed = {}
+  for key, value in sd.items():
+    for hf, official in ((".layer_scale1", ".gamma1"), (".layer_scale2", ".gamma2")):
+      if key.endswith(hf):
+        key = key[: -len(hf)] + official
+    renamed[key] = _to_numpy(value)
+  return renamed
+
+
+def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], strict: bool = True
+                    ) -> LoadReport:
+  """Copies an official-layout state dict into ``module`` in place.
+
+  ``module`` is a whole ``InternImage`` or any submodule (e.g. one ``DCNv3``) with keys
+  relative to it. Strict (the default) raises :class:`CheckpointMismatchError` listing
+  every missing, unexpected and shape-mismatched key; otherwise matching entries are
+  loaded and the rest reported. Values are cast to each variable's dtype.
+  """
+  slots = _slots(module)
+  sd = normalize_state_dict(state_dict, set(slots))
+  missing = sorted(k for k in slots if k not in sd and not k.endswith(_OPTIONAL_SUFFIXES))
+  unexpected = sorted(k for k in sd if k not in slots)
+  mismatched, updates = [], []
+  for key, slot in slots.items():
+    if key not in sd:
+      continue
+    value = _from_torch_layout(sd[key], slot.is_kernel)
+    want = tuple(slot.variable.shape)
+    if tuple(value.shape) != want:
+      mismatched.append(
+          f"{key}: checkpoint {tuple(sd[key].shape)} (as JAX {tuple(value.shape)}), model {want}")
+      continue
+    updates.append((slot.variable, value))
+  if strict and (missing or unexpected or mismatched):
+    lines = [f"state dict does not match {type(module).__name__}:"]
+    for title, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("shape mismatch", mismatched)):
+      if keys:
+        lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+    raise CheckpointMismatchError("\n".join(lines))
+  for variable, value in updates:
+    variable.value = jnp.asarray(value, dtype=variable.value.dtype)
+  return LoadReport(missing, unexpected, mismatched)
+
+
+def to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
+  """The module's weights under official names, in PyTorch layout (numpy arrays)."""
+  return {key: np.ascontiguousarray(_to_torch_layout(np.asarray(slot.variable.value),
+                                                     slot.is_kernel))
+          for key, slot in sorted(_slots(module).items())}
+
+
+def _unwrap(obj: Any, use_ema: bool, path: Path) -> Mapping[str, Any]:
+  if use_ema:
+    if not (isinstance(obj, Mapping) and "model_ema" in obj):
+      keys = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
+      raise CheckpointMismatchError(f"{path}: use_ema=True but no 'model_ema' entry (has {keys})")
+    obj = obj["model_ema"]
+  while isinstance(obj, Mapping):
+    wrapper = next((k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+    if wrapper is None:
+      break
+    obj = obj[wrapper]
+  if not isinstance(obj, Mapping):
+    raise CheckpointMismatchError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
+  return obj
+
+
+def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, np.ndarray]:
+  """Reads an official-layout state dict from ``.pth``/``.bin``, ``.safetensors`` or ``.npz``.
+
+  ``.pth``/``.bin`` need torch and are read with ``weights_only=True``; the weights
+  are unwrapped from ``model``, ``state_dict`` or ``module`` (or ``model_ema`` with
+  ``use_ema``).
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  suffix = path.suffix.lower()
+  if suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    if use_ema:
+      raise CheckpointMismatchError(f"{path}: safetensors files hold one state dict; no EMA copy")
+    return normalize_state_dict(load_file(str(path)))
+  if suffix == ".npz":
+    with np.load(path, allow_pickle=False) as data:
+      return normalize_state_dict(_unwrap({k: data[k] for k in data.files}, use_ema, path))
+  if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(
+          f"reading {path.name} needs PyTorch: pip install 'internimage-jax[torch]' "
+          "(or convert it to .safetensors elsewhere)") from e
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    return normalize_state_dict(_unwrap(obj, use_ema, path))
+  raise ValueError(
+      f"unsupported checkpoint format {path.suffix!r} for {path}; use .pth/.bin, "
+      ".safetensors, .npz or an orbax directory written by internimage_jax.convert")
+
+
+def _is_orbax_dir(path: Path) -> bool:
+  return path.is_dir() and (path / STATE_DIR).is_dir()
+
+
+def save_orbax(module: nnx.Module, directory: str | os.PathLike,
+               metadata: Mapping[str, Any] | None = None) -> Path:
+  """Writes the module's parameters and statistics as an orbax checkpoint directory.
+
+  ``metadata`` (model name and options) goes to ``model.json`` beside it, so that
+  ``predict`` can rebuild the model. The state is written by orbax, which commits it
+  atomically: an interrupted save never leaves a directory that looks complete.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = Path(directory).absolute()
+  if (directory / STATE_DIR).exists():
+    raise FileExistsError(f"{directory / STATE_DIR} exists; choose a new output directory")
+  directory.mkdir(parents=True, exist_ok=True)
+  state = nnx.state(module, nnx.Param, nnx.BatchStat)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory / STATE_DIR, state)
+  if metadata is not None:
+    (directory / MODEL_JSON).write_text(json.dumps(dict(metadata), indent=1, sort_keys=True))
+  return directory
+
+
+def read_model_json(directory: str | os.PathLike) -> dict[str, Any]:
+  path = Path(directory) / MODEL_JSON
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _load_orbax(module: nnx.Module, directory: Path) -> None:
+  import orbax.checkpoint as ocp
+
+  target = nnx.state(module, nnx.Param, nnx.BatchStat)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      restored = ckptr.restore(directory.absolute() / STATE_DIR, abstract)
+    except (ValueError, KeyError) as e:
+      raise CheckpointMismatchError(
+          f"orbax checkpoint {directory} does not match {type(module).__name__}: {e}") from e
+  nnx.update(module, restored)
+
+
+def load_checkpoint(module: nnx.Module, path: str | os.PathLike, use_ema: bool = False,
+                    strict: bool = True) -> LoadReport:
+  """Loads weights into ``module`` in place from any supported file or orbax directory."""
+  path = Path(path)
+  if _is_orbax_dir(path):
+    if use_ema:
+      raise CheckpointMismatchError(f"{path}: converted checkpoints hold one set of weights; "
+                                    "convert with --use-ema to get the EMA weights")
+    _load_orbax(module, path)
+    return LoadReport([], [], [])
+  if path.is_dir():
+    raise FileNotFoundError(f"{path} is a directory but not an orbax checkpoint from "
+                            f"internimage_jax.convert (no '{STATE_DIR}/' inside)")
+  return load_state_dict(module, read_state_dict(path, use_ema=use_ema), strict=strict)
+
+
+def save_safetensors(module: nnx.Module, path: str | os.PathLike) -> Path:
+  """Writes ``to_state_dict(module)`` as ``.safetensors`` (readable by PyTorch users)."""
+  from safetensors.numpy import save_file
+
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  save_file(to_state_dict(module), str(tmp))
+  os.replace(tmp, path)  # never leave a half-written file under the final name
+  return path
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m internimage_jax.convert",
+      description="Convert official InternImage weights to an orbax checkpoint, or back to "
+                  "an official-layout .safetensors file.")
+  parser.add_argument("--model", required=True, help="variant, e.g. internimage_t")
+  parser.add_argument("--checkpoint", required=True,
+                      help=".pth/.bin/.safetensors/.npz file, or an orbax directory")
+  parser.add_argument("--out", required=True,
+                      help="output orbax directory, or a .safetensors file for the reverse")
+  parser.add_argument("--num-classes", type=int, default=None,
+                      help="classes of the head (default: read from the checkpoint)")
+  parser.add_argument("--use-ema", action="store_true", help="take the 'model_ema' weights")
+  parser.add_argument("--options", default="{}",
+                      help="JSON overrides of the variant's constructor options")
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  from internimage_jax.models import create, variants
+
+  args = _parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    options = json.loads(args.options)
+    if not isinstance(options, dict):
+      raise ValueError("--options must be a JSON object")
+    variants.variant_options(args.model)  # a clear error for an unknown name
+    source = Path(args.checkpoint)
+    metadata = read_model_json(source) if _is_orbax_dir(source) else {}
+    state_dict = None if _is_orbax_dir(source) else read_state_dict(source, use_ema=args.use_ema)
+    num_classes = args.num_classes
+    if num_classes is None:
+      num_classes = metadata.get("num_classes")
+    if num_classes is None and state_dict is not None and "head.weight" in state_dict:
+      num_classes = int(state_dict["head.weight"].shape[0])
+    num_classes = 1000 if num_classes is None else num_classes
+    options = {**metadata.get("options", {}), **options}
+    model = create(args.model, num_classes=num_classes, **options)
+    if state_dict is None:
+      load_checkpoint(model, source)
+    else:
+      load_state_dict(model, state_dict)
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+      save_safetensors(model, out)
+    else:
+      save_orbax(model, out, {"model": args.model, "num_classes": num_classes, "options": options})
+  except (OSError, ValueError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {out} ({args.model}, {num_classes} classes)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

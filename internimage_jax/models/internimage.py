@@ -1,0 +1,337 @@
+"""InternImage (spec section 3): stem, levels of DCNv3 blocks, and both heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from internimage_jax.models.dcnv3 import DCNv3
+from internimage_jax.models.layers import (
+    MLP, BatchNorm2d, Dtype, DropPath, TorchNamed, conv, gelu, layer_norm, linear)
+
+# Fixed sizes of the H/G clip-projector head in the original.
+CLIP_PRETRAIN_DIM = 1024
+CLIP_EMBED_DIM = 768
+CLIP_HEADS = 16
+
+
+class Stem(nnx.Module, TorchNamed):
+  """conv3x3/2 -> LN -> GELU -> conv3x3/2 -> LN: image to 1/4 resolution."""
+
+  torch_names: ClassVar[dict[str, str]] = {"norm1": "norm1.1", "norm2": "norm2.1"}
+
+  def __init__(self, in_chans: int, out_chans: int, *, dtype: Dtype, param_dtype: Dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.conv1 = conv(in_chans, out_chans // 2, 3, stride=2, **kw)
+    self.norm1 = layer_norm(out_chans // 2, **kw)
+    self.conv2 = conv(out_chans // 2, out_chans, 3, stride=2, **kw)
+    self.norm2 = layer_norm(out_chans, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm2(self.conv2(gelu(self.norm1(self.conv1(x)))))
+
+
+class Downsample(nnx.Module, TorchNamed):
+  """conv3x3/2 without bias (C -> 2C) -> LN."""
+
+  torch_names: ClassVar[dict[str, str]] = {"norm": "norm.1"}
+
+  def __init__(self, channels: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.conv = conv(channels, 2 * channels, 3, stride=2, use_bias=False, **kw)
+    self.norm = layer_norm(2 * channels, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm(self.conv(x))
+
+
+class Block(nnx.Module, TorchNamed):
+  """One InternImage layer: a DCNv3 branch and an MLP branch, each residual."""
+
+  torch_names: ClassVar[dict[str, str]] = {
+      "norm1": "norm1.0", "norm2": "norm2.0",
+      "res_post_norm1": "res_post_norm1.0", "res_post_norm2": "res_post_norm2.0"}
+
+  def __init__(
+      self, channels: int, group: int, *, mlp_ratio: float, drop: float, drop_path: float,
+      post_norm: bool, layer_scale: float | None, offset_scale: float,
+      dw_kernel_size: int | None, res_post_norm: bool, center_feature_scale: bool,
+      remove_center: bool, implementation: str, dtype: Dtype, param_dtype: Dtype,
+      rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.post_norm = post_norm
+    self.res_post_norm = res_post_norm
+    self.norm1 = layer_norm(channels, **kw)
+    self.dcn = DCNv3(channels=channels, group=group, kernel_size=3, dw_kernel_size=dw_kernel_size,
+                     offset_scale=offset_scale, center_feature_scale=center_feature_scale,
+                     remove_center=remove_center, implementation=implementation, **kw)
+    self.norm2 = layer_norm(channels, **kw)
+    self.mlp = MLP(channels, int(channels * mlp_ratio), drop=drop, **kw)
+    self.drop_path = DropPath(drop_path, rngs=rngs)
+    self.layer_scale = layer_scale is not None
+    if self.layer_scale:
+      self.gamma1 = nnx.Param(jnp.full((channels,), layer_scale, param_dtype))
+      self.gamma2 = nnx.Param(jnp.full((channels,), layer_scale, param_dtype))
+    if res_post_norm:
+      self.res_post_norm1 = layer_norm(channels, **kw)
+      self.res_post_norm2 = layer_norm(channels, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.post_norm:
+      f = self.norm1(self.dcn(x))
+    else:
+      f = self.dcn(self.norm1(x))
+      if self.res_post_norm:
+        f = self.res_post_norm1(f)
+    if self.layer_scale:
+      f = self.gamma1[...] * f
+    x = x + self.drop_path(f)
+    if self.post_norm:
+      h = self.norm2(self.mlp(x))
+    else:
+      h = self.mlp(self.norm2(x))
+      if self.res_post_norm:
+        h = self.res_post_norm2(h)
+    if self.layer_scale:
+      h = self.gamma2[...] * h
+    return x + self.drop_path(h)
+
+
+class Level(nnx.Module, TorchNamed):
+  """A stage of blocks, its optional post-norms and final norm, then a downsample."""
+
+  torch_names: ClassVar[dict[str, str]] = {"norm": "norm.0", "post_norms": "post_norms.{}.0"}
+
+  def __init__(
+      self, channels: int, depth: int, group: int, *, drop_path: Sequence[float],
+      downsample: bool, post_norm: bool, center_feature_scale: bool,
+      post_norm_block_ids: Sequence[int] | None, dtype: Dtype, param_dtype: Dtype,
+      rngs: nnx.Rngs, **block_options):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List([
+        Block(channels, group, drop_path=drop_path[i], post_norm=post_norm,
+              center_feature_scale=center_feature_scale, **block_options, **kw)
+        for i in range(depth)])
+    # The original skips the level norm for post-norm models, except with
+    # center_feature_scale (G is post-norm and keeps it).
+    self.has_norm = not post_norm or center_feature_scale
+    self.norm = layer_norm(channels, **kw) if self.has_norm else None
+    self.post_norm_block_ids = tuple(post_norm_block_ids or ())
+    if self.post_norm_block_ids:
+      self.post_norms = nnx.List([layer_norm(channels, **kw) for _ in self.post_norm_block_ids])
+    self.downsample = Downsample(channels, **kw) if downsample else None
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(features before downsampling, input of the next level)``."""
+    for i, block in enumerate(self.blocks):
+      x = block(x)
+      if i in self.post_norm_block_ids:
+        x = self.post_norms[self.post_norm_block_ids.index(i)](x)
+    if self.norm is not None:
+      x = self.norm(x)
+    return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+class CrossAttention(nnx.Module, TorchNamed):
+  """Multi-head attention with separate q/k/v biases (the original's ``cross_dcn``)."""
+
+  def __init__(self, dim: int, num_heads: int, out_dim: int, *, dtype: Dtype,
+               param_dtype: Dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads = num_heads
+    self.q = linear(dim, dim, use_bias=False, **kw)
+    self.k = linear(dim, dim, use_bias=False, **kw)
+    self.v = linear(dim, dim, use_bias=False, **kw)
+    self.q_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+    self.k_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+    self.v_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+    self.proj = linear(dim, out_dim, **kw)
+
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    b, nq, dim = q.shape
+    heads = self.num_heads
+    head_dim = dim // heads
+
+    def split(t, layer, bias):
+      t = layer(t)
+      t = t + bias[...].astype(t.dtype)
+      return t.reshape(b, t.shape[1], heads, head_dim)
+
+    q, k, v = split(q, self.q, self.q_bias), split(k, self.k, self.k_bias), split(v, self.v, self.v_bias)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
+    attn = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, nq, dim)
+    return self.proj(out)
+
+
+class AttentionPooling(nnx.Module, TorchNamed):
+  """Pools tokens with one query (their mean): the original's ``clip_projector``."""
+
+  torch_names: ClassVar[dict[str, str]] = {
+      "norm1_q": "norm1_q.0", "norm1_k": "norm1_k.0", "norm1_v": "norm1_v.0"}
+
+  def __init__(self, dim: int, num_heads: int, out_dim: int, *, dtype: Dtype,
+               param_dtype: Dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1_q = layer_norm(dim, **kw)
+    self.norm1_k = layer_norm(dim, **kw)
+    self.norm1_v = layer_norm(dim, **kw)
+    self.cross_dcn = CrossAttention(dim, num_heads, out_dim, **kw)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    query = jnp.mean(tokens, axis=1, keepdims=True)
+    out = self.cross_dcn(self.norm1_q(query), self.norm1_k(tokens), self.norm1_v(tokens))
+    return out[:, 0]
+
+
+def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
+  """``torch.nn.PixelShuffle`` on NHWC: channel ``c*r*r + i*r + j`` -> (c, h*r+i, w*r+j)."""
+  n, h, w, c = x.shape
+  out_c = c // (factor * factor)
+  x = x.reshape(n, h, w, out_c, factor, factor)
+  x = x.transpose(0, 1, 4, 2, 5, 3)
+  return x.reshape(n, h * factor, w * factor, out_c)
+
+
+class InternImage(nnx.Module, TorchNamed):
+  """InternImage on NHWC images; ``forward_features`` gives the four level outputs."""
+
+  torch_names: ClassVar[dict[str, str]] = {
+      "conv_head": "conv_head.0", "head_norm": "conv_head.1.0",
+      "dcnv3_head_x4": "dcnv3_head_x4.0", "fc_norm": "fc_norm.0"}
+
+  def __init__(
+      self,
+      *,
+      channels: int,
+      depths: Sequence[int],
+      groups: Sequence[int],
+      num_classes: int = 1000,
+      mlp_ratio: float = 4.0,
+      drop_rate: float = 0.0,
+      drop_path_rate: float = 0.0,
+      layer_scale: float | None = None,
+      offset_scale: float = 1.0,
+      post_norm: bool = False,
+      cls_scale: float = 1.5,
+      dw_kernel_size: int | None = None,
+      use_clip_projector: bool = False,
+      level2_post_norm: bool = False,
+      level2_post_norm_block_ids: Sequence[int] | None = None,
+      res_post_norm: bool = False,
+      center_feature_scale: bool = False,
+      remove_center: bool = False,
+      in_chans: int = 3,
+      implementation: str = "auto",
+      dtype: Dtype = None,
+      param_dtype: Dtype = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    depths, groups = tuple(depths), tuple(groups)
+    if len(depths) != 4 or len(groups) != 4:
+      raise ValueError(f"InternImage: depths and groups need 4 entries, got {depths}, {groups}")
+    if channels < 1 or any(d < 1 for d in depths):
+      raise ValueError(f"InternImage: channels and depths must be positive, got {channels}, {depths}")
+    for i, g in enumerate(groups):
+      if g < 1 or (channels << i) % g:
+        raise ValueError(
+            f"InternImage: level {i} has {channels << i} channels, not divisible by its "
+            f"{g} groups")
+    if res_post_norm and (post_norm or layer_scale is not None):
+      raise ValueError(
+          "InternImage: res_post_norm cannot be combined with post_norm or layer_scale "
+          "(the original silently ignores it then)")
+    if level2_post_norm:
+      if not level2_post_norm_block_ids:
+        raise ValueError("InternImage: level2_post_norm needs level2_post_norm_block_ids")
+      bad = [i for i in level2_post_norm_block_ids if not 0 <= i < depths[2]]
+      if bad:
+        raise ValueError(
+            f"InternImage: level2_post_norm_block_ids {bad} out of range for level 2 depth "
+            f"{depths[2]}")
+    if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
+      raise ValueError(
+          f"InternImage: drop_rate and drop_path_rate must be in [0, 1), got {drop_rate}, "
+          f"{drop_path_rate}")
+    if num_classes < 0:
+      raise ValueError(f"InternImage: num_classes must be >= 0, got {num_classes}")
+
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.channels, self.depths, self.groups = channels, depths, groups
+    self.in_chans = in_chans
+    self.num_classes = num_classes
+    self.use_clip_projector = use_clip_projector
+    self.num_features = channels * 8
+
+    self.patch_embed = Stem(in_chans, channels, **kw)
+    self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
+    # Stochastic depth rises linearly over all blocks of the network.
+    dpr = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+    starts = np.cumsum((0,) + depths).tolist()
+    self.levels = nnx.List([
+        Level(
+            channels << i, depths[i], groups[i], drop_path=dpr[starts[i]:starts[i + 1]],
+            downsample=i < 3, post_norm=post_norm, center_feature_scale=center_feature_scale,
+            post_norm_block_ids=level2_post_norm_block_ids if (level2_post_norm and i == 2) else None,
+            mlp_ratio=mlp_ratio, drop=drop_rate, layer_scale=layer_scale,
+            offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
+            res_post_norm=res_post_norm, remove_center=remove_center,
+            implementation=implementation, **kw)
+        for i in range(4)])
+
+    if not use_clip_projector:
+      hidden = int(self.num_features * cls_scale)
+      self.conv_head = conv(self.num_features, hidden, 1, use_bias=False, **kw)
+      self.head_norm = BatchNorm2d(hidden, dtype=dtype, param_dtype=param_dtype)
+      head_in = hidden
+    else:
+      self.dcnv3_head_x4 = conv(self.num_features, CLIP_PRETRAIN_DIM * 4, 1, **kw)
+      self.dcnv3_head_x3 = conv(self.num_features // 2, CLIP_PRETRAIN_DIM, 1, **kw)
+      self.clip_projector = AttentionPooling(CLIP_PRETRAIN_DIM, CLIP_HEADS, CLIP_EMBED_DIM, **kw)
+      self.fc_norm = layer_norm(CLIP_EMBED_DIM, **kw)
+      head_in = CLIP_EMBED_DIM
+    self.head = linear(head_in, num_classes, **kw) if num_classes > 0 else None
+
+  def _check_input(self, x: jax.Array) -> None:
+    if x.ndim != 4:
+      raise ValueError(
+          f"InternImage: expected NHWC images [N, H, W, {self.in_chans}], got shape {tuple(x.shape)}")
+    if x.shape[-1] != self.in_chans:
+      raise ValueError(
+          f"InternImage: expected {self.in_chans} input channels (NHWC), got shape "
+          f"{tuple(x.shape)}; convert NCHW input with x.transpose(0, 2, 3, 1)")
+    if self.use_clip_projector and (x.shape[1] % 32 or x.shape[2] % 32):
+      raise ValueError(
+          "InternImage: the clip-projector head sums level 2 and upsampled level 3, so the "
+          f"image height and width must be multiples of 32, got {x.shape[1]}x{x.shape[2]}")
+
+  def forward_features(self, x: jax.Array) -> list[jax.Array]:
+    """The four level outputs (NHWC, before each downsample) for dense heads."""
+    self._check_input(x)
+    x = self.pos_drop(self.patch_embed(x))
+    features = []
+    for level in self.levels:
+      feature, x = level(x)
+      features.append(feature)
+    return features
+
+  def pre_logits(self, x: jax.Array) -> jax.Array:
+    """The pooled embedding that the classifier ``head`` reads."""
+    features = self.forward_features(x)
+    if not self.use_clip_projector:
+      y = gelu(self.head_norm(self.conv_head(features[3])))
+      return jnp.mean(y, axis=(1, 2))
+    y = pixel_shuffle(self.dcnv3_head_x4(features[3]), 2) + self.dcnv3_head_x3(features[2])
+    tokens = y.reshape(y.shape[0], -1, y.shape[-1])
+    return self.fc_norm(self.clip_projector(tokens))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits ``[N, num_classes]`` (the pooled embedding when ``num_classes == 0``)."""
+    y = self.pre_logits(x)
+    return self.head(y) if self.head is not None else y

@@ -1,0 +1,1 @@
+"""Kernels for InternImage's deformable operators (one folder per operator)."""

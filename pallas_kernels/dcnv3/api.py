@@ -1,0 +1,81 @@
+"""Public entry point of the DCNv3 sampling operator."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.dcnv3.params import DCNv3Params, IntOrPair
+from pallas_kernels.dcnv3.reference import dcnv3_xla
+
+Implementation = Literal["auto", "xla"]
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla")
+
+
+def _check_shapes(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Params) -> None:
+  for name, array in (("x", x), ("offset", offset), ("mask", mask)):
+    if array.ndim != 4:
+      raise ValueError(
+          f"dcnv3: {name} must be rank 4 (channels-last [N, H, W, C]), got shape {array.shape}")
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+      raise TypeError(f"dcnv3: {name} must be floating point, got {array.dtype}")
+  n, h, w, channels = x.shape
+  g, p = params.group, params.num_points
+  if channels % g:
+    raise ValueError(
+        f"dcnv3: channels ({channels}) must be divisible by group ({g})")
+  ho, wo = params.output_size(h, w)
+  if ho < 1 or wo < 1:
+    raise ValueError(
+        f"dcnv3: input {h}x{w} is too small for kernel {params.kernel}, dilation "
+        f"{params.dilation} and pad {params.pad} (output would be {ho}x{wo})")
+  expected = {"offset": (n, ho, wo, g * p * 2), "mask": (n, ho, wo, g * p)}
+  for name, array in (("offset", offset), ("mask", mask)):
+    if tuple(array.shape) != expected[name]:
+      raise ValueError(
+          f"dcnv3: {name} must have shape {expected[name]} = (N, Ho, Wo, group*points"
+          f"{'*2' if name == 'offset' else ''}) for x {tuple(x.shape)} with group {g} and "
+          f"{p} points, got {tuple(array.shape)}")
+
+
+def dcnv3(
+    x: jax.Array,
+    offset: jax.Array,
+    mask: jax.Array,
+    *,
+    kernel_size: IntOrPair = 3,
+    stride: IntOrPair = 1,
+    pad: IntOrPair = 1,
+    dilation: IntOrPair = 1,
+    group: int,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    implementation: Implementation = "auto",
+) -> jax.Array:
+  """DCNv3 deformable sampling (spec section 1), channels-last.
+
+  Args:
+    x: ``[N, H, W, group * C]`` features.
+    offset: ``[N, Ho, Wo, group * P * 2]``, laid out ``(g, p, (x, y))``.
+    mask: ``[N, Ho, Wo, group * P]``, already normalised by the caller.
+    kernel_size, stride, pad, dilation: ints or ``(h, w)`` pairs.
+    group: number of groups G; each owns ``C = channels // group`` channels.
+    offset_scale: scales the learned offsets and the fixed kernel grid.
+    remove_center: drop the centre point (odd square kernels only).
+    implementation: ``"auto"`` or ``"xla"`` (the vmapped bilinear-gather fallback).
+
+  Returns:
+    ``[N, Ho, Wo, group * C]`` in the dtype of ``x``; accumulation is float32 for
+    float32 and narrower inputs, float64 for float64.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"dcnv3: unknown implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+  params = DCNv3Params.create(
+      kernel_size=kernel_size, stride=stride, pad=pad, dilation=dilation, group=group,
+      offset_scale=offset_scale, remove_center=remove_center)
+  x, offset, mask = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(mask)
+  _check_shapes(x, offset, mask, params)
+  return dcnv3_xla(x, offset, mask, params)

@@ -1,0 +1,107 @@
+"""Static parameters of the DCNv3 sampling operator, validated once.
+
+Every backend (the XLA fallback and the Pallas kernels) takes the same frozen,
+hashable :class:`DCNv3Params`, so it can be a static argument of ``jax.jit`` and a
+non-differentiable argument of ``jax.custom_vjp``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+IntOrPair = int | Sequence[int]
+
+
+def _pair(name: str, value: IntOrPair) -> tuple[int, int]:
+  """Normalises an int or a pair of ints to a ``(h, w)`` tuple."""
+  if isinstance(value, bool):
+    raise TypeError(f"dcnv3: {name} must be an int or a pair of ints, got {value!r}")
+  if isinstance(value, int):
+    return (value, value)
+  try:
+    pair = tuple(value)
+  except TypeError:
+    raise TypeError(f"dcnv3: {name} must be an int or a pair of ints, got {value!r}") from None
+  if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    raise TypeError(f"dcnv3: {name} must be an int or a pair of ints, got {value!r}")
+  return pair  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class DCNv3Params:
+  """Geometry of the sampling operator (spec section 1). All pairs are ``(h, w)``."""
+
+  kernel: tuple[int, int]
+  stride: tuple[int, int]
+  pad: tuple[int, int]
+  dilation: tuple[int, int]
+  group: int
+  offset_scale: float
+  remove_center: bool
+
+  @classmethod
+  def create(
+      cls,
+      *,
+      kernel_size: IntOrPair = 3,
+      stride: IntOrPair = 1,
+      pad: IntOrPair = 1,
+      dilation: IntOrPair = 1,
+      group: int,
+      offset_scale: float = 1.0,
+      remove_center: bool = False,
+  ) -> DCNv3Params:
+    params = cls(
+        kernel=_pair("kernel_size", kernel_size),
+        stride=_pair("stride", stride),
+        pad=_pair("pad", pad),
+        dilation=_pair("dilation", dilation),
+        group=group,
+        offset_scale=float(offset_scale),
+        remove_center=bool(remove_center),
+    )
+    params.validate()
+    return params
+
+  def validate(self) -> None:
+    for name, (a, b), low in (
+        ("kernel_size", self.kernel, 1),
+        ("stride", self.stride, 1),
+        ("dilation", self.dilation, 1),
+        ("pad", self.pad, 0),
+    ):
+      if a < low or b < low:
+        raise ValueError(f"dcnv3: {name} must be >= {low}, got {(a, b)}")
+    if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+      raise ValueError(f"dcnv3: group must be a positive int, got {self.group!r}")
+    kh, kw = self.kernel
+    if self.remove_center and (kh != kw or kh % 2 == 0):
+      raise ValueError(
+          f"dcnv3: remove_center needs an odd square kernel, got kernel_size {(kh, kw)}"
+      )
+
+  @property
+  def num_points(self) -> int:
+    """P, the sampling points per group."""
+    kh, kw = self.kernel
+    return kh * kw - int(self.remove_center)
+
+  def output_size(self, height: int, width: int) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.pad, self.dilation
+    ho = (height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    wo = (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    return ho, wo
+
+  def kernel_grid(self) -> list[tuple[int, int]]:
+    """Fixed ``(dx, dy)`` of each point relative to the centre, in point order.
+
+    Points are enumerated x-outer, y-inner (``p = ix * kh + iy``), the original's
+    order; with ``remove_center`` the middle point is dropped.
+    """
+    (kh, kw), (dh, dw) = self.kernel, self.dilation
+    half_w, half_h = (dw * (kw - 1)) // 2, (dh * (kh - 1)) // 2
+    points = [(ix * dw - half_w, iy * dh - half_h) for ix in range(kw) for iy in range(kh)]
+    if self.remove_center:
+      del points[(kh * kw - 1) // 2]
+    return points

@@ -1,0 +1,213 @@
+"""Pure-JAX DCNv3 sampling: the XLA fallback and the reference for the kernels.
+
+The operator is a bilinear gather. Channels-last input ``[N, H, W, G*C]`` is viewed
+as a table of ``N*H*W*G`` rows of ``C`` channels (a free reshape), so every
+bilinear corner of every sampling point is one row index, and the whole operator
+is four row gathers (one per corner) reduced over the points with the weights
+``mask * bilinear``.
+
+Memory. Autodiff through the gather would keep the gathered corners
+(``4 * P`` copies of the input, 36x for a 3x3 kernel) alive until the backward
+pass. The custom VJP below keeps only the inputs and recomputes the corner
+indices and weights in the backward pass; each corner's gather feeds a reduction
+directly, which XLA fuses, so no ``[.., P, C]`` tensor is materialised.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.dcnv3.params import DCNv3Params
+
+# (dy, dx) of the four bilinear neighbours of floor(py), floor(px).
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+class Corner(NamedTuple):
+  """One bilinear neighbour of every sampling point, shaped ``[N, Ho, Wo, G, P]``."""
+
+  index: jax.Array  # row of the ``[N*H*W*G, C]`` table (clamped in range)
+  weight: jax.Array  # bilinear weight, zero where the neighbour is outside the image
+  dweight_dx: jax.Array  # d weight / d px
+  dweight_dy: jax.Array  # d weight / d py
+
+
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """float32 for float32 and narrower inputs, float64 for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _centres(params: DCNv3Params, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+  """Unpadded input coordinates of each output pixel's centre point: ``[Wo]``, ``[Ho]``."""
+  (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+      params.kernel, params.stride, params.pad, params.dilation)
+  centre_x = np.arange(out_w) * sw + (dw * (kw - 1)) // 2 - pw
+  centre_y = np.arange(out_h) * sh + (dh * (kh - 1)) // 2 - ph
+  return centre_x, centre_y
+
+
+def sampling_positions(
+    offset: jax.Array, params: DCNv3Params, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+  """Absolute ``(px, py)``, each ``[N, Ho, Wo, G, P]``, in unpadded input pixels."""
+  n, ho, wo, _ = offset.shape
+  s = params.offset_scale
+  off = offset.astype(dtype).reshape(n, ho, wo, params.group, params.num_points, 2)
+  grid = np.asarray(params.kernel_grid(), dtype=np.float64)  # [P, (dx, dy)]
+  centre_x, centre_y = _centres(params, ho, wo)
+  base_x = (centre_x[:, None, None] + s * grid[:, 0]).astype(dtype)  # [Wo, 1, P]
+  base_y = (centre_y[:, None, None, None] + s * grid[:, 1]).astype(dtype)  # [Ho, 1, 1, P]
+  return base_x + s * off[..., 0], base_y + s * off[..., 1]
+
+
+def _point_positions(
+    offset: jax.Array, point: jax.Array, params: DCNv3Params, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+  """``(px, py)`` of one (traced) point index, each ``[N, Ho, Wo, G]``."""
+  n, ho, wo, _ = offset.shape
+  g, s = params.group, params.offset_scale
+  off = offset.reshape(n, ho, wo, g, params.num_points, 2)
+  off = jax.lax.dynamic_index_in_dim(off, point, axis=4, keepdims=False).astype(dtype)
+  grid = jnp.asarray(params.kernel_grid(), dtype=dtype)[point]  # (dx, dy)
+  centre_x, centre_y = _centres(params, ho, wo)
+  px = jnp.asarray(centre_x[:, None], dtype) + s * grid[0] + s * off[..., 0]
+  py = jnp.asarray(centre_y[:, None, None], dtype) + s * grid[1] + s * off[..., 1]
+  return px, py
+
+
+def bilinear_corners(
+    px: jax.Array, py: jax.Array, group: int, height: int, width: int
+) -> list[Corner]:
+  """Row indices, weights and weight derivatives of the four bilinear corners.
+
+  ``px`` and ``py`` are ``[N, Ho, Wo, G, ...]``; rows index the ``[N*H*W*G, C]`` table.
+  """
+  n = px.shape[0]
+  x0, y0 = jnp.floor(px), jnp.floor(py)
+  lx, ly = px - x0, py - y0
+  x0i, y0i = x0.astype(jnp.int32), y0.astype(jnp.int32)
+  trailing = (1,) * (px.ndim - 4)
+  batch = jnp.arange(n, dtype=jnp.int32).reshape(n, 1, 1, 1, *trailing)
+  grp = jnp.arange(group, dtype=jnp.int32).reshape(group, *trailing)
+  corners = []
+  for dy, dx in _CORNERS:
+    yy, xx = y0i + dy, x0i + dx
+    inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+    wy = ly if dy else 1 - ly
+    wx = lx if dx else 1 - lx
+    zero = jnp.zeros_like(wy)
+    row = ((batch * height + jnp.clip(yy, 0, height - 1)) * width
+           + jnp.clip(xx, 0, width - 1)) * group + grp
+    corners.append(Corner(
+        index=row,
+        weight=jnp.where(inside, wy * wx, zero),
+        dweight_dx=jnp.where(inside, wy if dx else -wy, zero),
+        dweight_dy=jnp.where(inside, wx if dy else -wx, zero),
+    ))
+  return corners
+
+
+def _as_table(x: jax.Array, group: int) -> jax.Array:
+  n, h, w, gc = x.shape
+  return x.reshape(n * h * w * group, gc // group)
+
+
+def _gather(table: jax.Array, index: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  # Indices are clamped in range by construction; "promise_in_bounds" lets XLA drop
+  # its own bounds handling from the fused gather.
+  return table.at[index].get(mode="promise_in_bounds").astype(dtype)
+
+
+# Both passes loop over the P sampling points rather than vectorising over them:
+# XLA:CPU does not fuse a gather into the reduction that consumes it, so a
+# vectorised gather would materialise [N, Ho, Wo, G, P, C] per corner. One point
+# at a time keeps every temporary at the size of the output, with its index
+# arithmetic fused into the gather.
+
+
+@functools.partial(jax.jit, static_argnames=("params",))
+def _forward(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Params) -> jax.Array:
+  n, h, w, gc = x.shape
+  g, p = params.group, params.num_points
+  _, ho, wo, _ = offset.shape
+  cdt = compute_dtype(x.dtype)
+  table = _as_table(x, g)
+  m = mask.reshape(n, ho, wo, g, p)
+
+  def accumulate(point, out):
+    px, py = _point_positions(offset, point, params, cdt)
+    m_p = jax.lax.dynamic_index_in_dim(m, point, axis=4, keepdims=False).astype(cdt)
+    for corner in bilinear_corners(px, py, g, h, w):
+      out = out + _gather(table, corner.index, cdt) * (m_p * corner.weight)[..., None]
+    return out
+
+  out = jax.lax.fori_loop(0, p, accumulate, jnp.zeros((n, ho, wo, g, gc // g), cdt))
+  return out.reshape(n, ho, wo, gc).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("params",))
+def _backward(
+    x: jax.Array, offset: jax.Array, mask: jax.Array, grad_out: jax.Array, params: DCNv3Params
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  n, h, w, gc = x.shape
+  g, p = params.group, params.num_points
+  c = gc // g
+  _, ho, wo, _ = offset.shape
+  cdt = compute_dtype(x.dtype)
+  table = _as_table(x, g)
+  m = mask.reshape(n, ho, wo, g, p)
+  gout = grad_out.astype(cdt).reshape(n, ho, wo, g, c)
+
+  def accumulate(point, carry):
+    grad_table, grad_pos, grad_mask = carry
+    px, py = _point_positions(offset, point, params, cdt)
+    m_p = jax.lax.dynamic_index_in_dim(m, point, axis=4, keepdims=False).astype(cdt)
+    corners = bilinear_corners(px, py, g, h, w)
+    # <corner value, grad_out> for the four corners at once: [N, Ho, Wo, G, 4].
+    corner_values = _gather(table, jnp.stack([k.index for k in corners], -1), cdt)
+    dots = jnp.einsum("...kc,...c->...k", corner_values, gout)
+    weights = [jnp.stack([getattr(k, f) for k in corners], -1)
+               for f in ("weight", "dweight_dx", "dweight_dy")]
+    g_mask, g_x, g_y = (jnp.sum(wt * dots, axis=-1) for wt in weights)
+    grad_mask = jax.lax.dynamic_update_index_in_dim(grad_mask, g_mask, point, axis=4)
+    grad_pos = jax.lax.dynamic_update_index_in_dim(
+        grad_pos, m_p[..., None] * jnp.stack([g_x, g_y], -1), point, axis=4)
+    for k in corners:
+      grad_table = grad_table.at[k.index].add(
+          (m_p * k.weight)[..., None] * gout, mode="promise_in_bounds")
+    return grad_table, grad_pos, grad_mask
+
+  grad_table, grad_pos, grad_mask = jax.lax.fori_loop(0, p, accumulate, (
+      jnp.zeros((n * h * w * g, c), cdt),
+      jnp.zeros((n, ho, wo, g, p, 2), cdt),
+      jnp.zeros((n, ho, wo, g, p), cdt),
+  ))
+  # d position / d offset = offset_scale.
+  grad_offset = params.offset_scale * grad_pos
+  return (
+      grad_table.reshape(x.shape).astype(x.dtype),
+      grad_offset.reshape(offset.shape).astype(offset.dtype),
+      grad_mask.reshape(mask.shape).astype(mask.dtype),
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dcnv3_xla(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Params) -> jax.Array:
+  """The DCNv3 sampling operator in plain XLA ops (shapes already validated)."""
+  return _forward(x, offset, mask, params)
+
+
+def _dcnv3_xla_fwd(x, offset, mask, params):
+  return _forward(x, offset, mask, params), (x, offset, mask)
+
+
+def _dcnv3_xla_bwd(params, residuals, grad_out):
+  return _backward(*residuals, grad_out, params)
+
+
+dcnv3_xla.defvjp(_dcnv3_xla_fwd, _dcnv3_xla_bwd)

@@ -1,0 +1,78 @@
+"""Shared test helpers: golden files, precision contexts and tolerances."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+GOLDEN_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "golden").resolve()
+
+# ../shared/golden/README.md: compare arrays whole, max|got - want| <= tol * max|want|.
+TOL_X64 = 1e-5
+TOL_OP_F32 = 1e-4
+TOL_NET_F32 = 2e-4
+
+
+def golden_tol(dtype, *, network: bool = False) -> float:
+  if np.dtype(dtype) == np.float64:
+    return TOL_X64
+  return TOL_NET_F32 if network else TOL_OP_F32
+
+
+def require_golden() -> Path:
+  """The golden directory; skips (or fails under CI=true) when it is absent."""
+  if not (GOLDEN_DIR / "index.json").is_file():
+    message = f"golden vectors not found at {GOLDEN_DIR} (clone beside ../shared)"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(message)
+    pytest.skip(message)
+  return GOLDEN_DIR
+
+
+def golden_index(name: str = "index.json") -> dict:
+  return json.loads((require_golden() / name).read_text())
+
+
+def golden_cases(kind: str, index: str = "index.json") -> list[str]:
+  """Case names of one kind, for parametrize (empty when the goldens are absent)."""
+  path = GOLDEN_DIR / index
+  if not path.is_file():
+    return ["<golden missing>"]
+  return sorted(k for k, v in json.loads(path.read_text()).items() if v["kind"] == kind)
+
+
+def load_golden(name: str) -> dict[str, np.ndarray]:
+  with np.load(require_golden() / f"{name}.npz") as data:
+    return {k: data[k] for k in data.files}
+
+
+def params_of(golden: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k[len("param/"):]: v for k, v in golden.items() if k.startswith("param/")}
+
+
+@contextlib.contextmanager
+def precision(dtype):
+  """Enables x64 for the block when ``dtype`` is float64."""
+  if np.dtype(dtype) != np.float64:
+    yield
+    return
+  enable = getattr(jax, "enable_x64", None)
+  if enable is None:  # older spelling
+    from jax.experimental import enable_x64 as enable  # type: ignore[no-redef]
+  with enable(True):
+    yield
+
+
+def assert_rel_close(got, want, tol: float, name: str = "") -> None:
+  got = np.asarray(got, np.float64)
+  want = np.asarray(want, np.float64)
+  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+  scale = float(np.max(np.abs(want)))
+  err = float(np.max(np.abs(got - want)))
+  assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} * max|want| ({scale:.3g})"
