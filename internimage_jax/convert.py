@@ -37,6 +37,8 @@ _FLAX_LEAVES = {"kernel": "weight", "scale": "weight"}
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 # Wrappers around the weights in the official and common training-tool files.
 _WRAPPER_KEYS = ("model", "state_dict", "module")
+# What a checkpoint holds: parameters and BatchNorm statistics (not RNG state).
+WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 MODEL_JSON = "model.json"
 STATE_DIR = "state"
 
@@ -171,13 +173,13 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], strict: b
         lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
     raise CheckpointMismatchError("\n".join(lines))
   for variable, value in updates:
-    variable.value = jnp.asarray(value, dtype=variable.value.dtype)
+    variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
   return LoadReport(missing, unexpected, mismatched)
 
 
 def to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
   """The module's weights under official names, in PyTorch layout (numpy arrays)."""
-  return {key: np.ascontiguousarray(_to_torch_layout(np.asarray(slot.variable.value),
+  return {key: np.ascontiguousarray(_to_torch_layout(np.asarray(slot.variable.get_value()),
                                                      slot.is_kernel))
           for key, slot in sorted(_slots(module).items())}
 
@@ -249,7 +251,7 @@ def save_orbax(module: nnx.Module, directory: str | os.PathLike,
   if (directory / STATE_DIR).exists():
     raise FileExistsError(f"{directory / STATE_DIR} exists; choose a new output directory")
   directory.mkdir(parents=True, exist_ok=True)
-  state = nnx.state(module, nnx.Param, nnx.BatchStat)
+  state = nnx.state(module, WEIGHTS)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory / STATE_DIR, state)
   if metadata is not None:
@@ -265,7 +267,7 @@ def read_model_json(directory: str | os.PathLike) -> dict[str, Any]:
 def _load_orbax(module: nnx.Module, directory: Path) -> None:
   import orbax.checkpoint as ocp
 
-  target = nnx.state(module, nnx.Param, nnx.BatchStat)
+  target = nnx.state(module, WEIGHTS)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
   with ocp.StandardCheckpointer() as ckptr:
     try:

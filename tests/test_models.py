@@ -1,0 +1,232 @@
+"""DCNv3 module and InternImage networks: goldens, variants, modes, errors, init."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import (assert_rel_close, golden_cases, golden_index, golden_tol, load_golden,
+                     params_of, precision)
+from internimage_jax import convert, models
+
+DTYPES = [np.float32, np.float64]
+MINI_T = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
+# Every H/G option on a small network (clip head needs a multiple of 32 input).
+MINI_H = dict(channels=16, depths=(1, 1, 6, 1), groups=(2, 4, 8, 16), dw_kernel_size=5,
+              res_post_norm=True, level2_post_norm=True, level2_post_norm_block_ids=(2, 5),
+              center_feature_scale=True, use_clip_projector=True)
+
+PARAM_COUNTS = {
+    "internimage_t": 29_918_424, "internimage_s": 50_079_880, "internimage_b": 97_461_832,
+    "internimage_l": 223_334_810, "internimage_xl": 334_819_780,
+    "internimage_h": 1_089_636_760, "internimage_g": 3_076_373_352,
+}
+
+
+@functools.cache
+def _abstract(name: str) -> models.InternImage:
+  """A variant built under ``nnx.eval_shape``: shapes only, nothing allocated.
+
+  Cached because tracing the construction of the large variants takes seconds.
+  """
+  return nnx.eval_shape(lambda: models.create(name))
+
+
+def _options(entry: dict, drop=("kind",)) -> dict:
+  return {k: v for k, v in entry.items() if k not in drop}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", golden_cases("dcnv3_module"))
+def test_golden_module(case, dtype):
+  g = load_golden(case)
+  with precision(dtype):
+    module = models.DCNv3(**_options(golden_index()[case]), param_dtype=dtype, rngs=nnx.Rngs(0))
+    convert.load_state_dict(module, params_of(g))
+    out, vjp = jax.vjp(module, jnp.asarray(g["input"], dtype))
+    (grad_in,) = vjp(jnp.asarray(g["grad_output"], dtype))
+    tol = golden_tol(dtype)
+    assert_rel_close(out, g["output"], tol, "output")
+    assert_rel_close(grad_in, g["grad_input"], tol, "grad_input")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", golden_cases("internimage"))
+def test_golden_network(case, dtype):
+  entry = golden_index()[case]
+  g = load_golden(case)
+  with precision(dtype):
+    model = models.InternImage(**_options(entry), param_dtype=dtype, rngs=nnx.Rngs(0))
+    convert.load_state_dict(model, params_of(g))
+    model.eval()
+    images = jnp.asarray(g["input_nchw"].transpose(0, 2, 3, 1), dtype)
+    logits = nnx.jit(lambda m, x: m(x))(model, images)
+    features = nnx.jit(lambda m, x: m.forward_features(x))(model, images)
+    tol = golden_tol(dtype, network=True)
+    assert logits.dtype == dtype
+    assert_rel_close(logits, g["logits"], tol, "logits")
+    assert len(features) == 4
+    for i, feature in enumerate(features):
+      assert_rel_close(feature, g[f"stage{i + 1}_nhwc"], tol, f"level {i}")
+
+
+def test_parameter_counts_of_all_variants_without_allocating():
+  for name, expected in PARAM_COUNTS.items():
+    params = nnx.state(_abstract(name), nnx.Param)
+    leaves = jax.tree.leaves(params)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves), name
+    assert sum(leaf.size for leaf in leaves) == expected, name
+
+
+def test_variant_structure_matches_the_spec():
+  t = _abstract("internimage_t")
+  assert [len(level.blocks) for level in t.levels] == [4, 4, 18, 4]
+  assert [level.blocks[0].dcn.group for level in t.levels] == [4, 8, 16, 32]
+  h = _abstract("internimage_h")
+  assert h.levels[2].post_norm_block_ids == (5, 11, 17, 23, 29)
+  assert h.levels[0].blocks[0].dcn.dw_conv.kernel.shape == (5, 5, 1, 320)
+  g = _abstract("internimage_g")
+  assert g.levels[2].post_norm_block_ids == tuple(range(5, 48, 6))
+  assert all(level.norm is not None for level in g.levels)  # post-norm + center scale
+  s = _abstract("internimage_s")
+  assert all(level.norm is None for level in s.levels)  # post-norm without center scale
+  assert s.levels[0].blocks[0].gamma1.shape == (80,)
+  with pytest.raises(ValueError, match="unknown InternImage variant"):
+    models.create("internimage_x")
+
+
+def test_feature_api_shapes_and_strides():
+  model = models.create("internimage_t", num_classes=7, **MINI_T)
+  model.eval()
+  x = jnp.zeros((2, 64, 96, 3))
+  features = model.forward_features(x)
+  assert [f.shape for f in features] == [
+      (2, 16, 24, 16), (2, 8, 12, 32), (2, 4, 6, 64), (2, 2, 3, 128)]
+  assert model(x).shape == (2, 7)
+  headless = models.create("internimage_t", num_classes=0, **MINI_T)
+  assert headless(x).shape == (2, 192)  # pooled embedding (1.5 * 128)
+
+
+def test_drop_path_follows_train_and_eval_modes():
+  model = models.create("internimage_t", num_classes=5, drop_path_rate=0.5, drop_rate=0.2,
+                        rngs=nnx.Rngs(params=0, dropout=1), **MINI_T)
+  model.head_norm.use_running_average = True  # isolate the stochastic layers
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  train_a, train_b = model(x), model(x)
+  assert not np.allclose(train_a, train_b), "training mode must draw new drop masks"
+  model.eval()
+  eval_a, eval_b = model(x), model(x)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  model.train()
+  assert model.levels[3].blocks[0].drop_path.deterministic is False
+  # Stochastic depth rises linearly from 0 to drop_path_rate over the 5 blocks.
+  rates = [b.drop_path.rate for level in model.levels for b in level.blocks]
+  np.testing.assert_allclose(rates, np.linspace(0, 0.5, 5))
+
+
+def test_batchnorm_updates_running_stats_like_pytorch():
+  model = models.create("internimage_t", num_classes=3, **MINI_T)
+  bn = model.head_norm
+  x = jax.random.normal(jax.random.key(1), (4, 2, 2, bn.weight.shape[0])) * 3 + 1
+  bn(x)
+  flat = np.asarray(x).reshape(-1, x.shape[-1])
+  np.testing.assert_allclose(bn.running_mean[...], 0.1 * flat.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bn.running_var[...], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+  assert int(bn.num_batches_tracked[...]) == 1
+
+
+def test_initialisation_follows_the_original():
+  module = models.DCNv3(channels=32, group=4, center_feature_scale=True, rngs=nnx.Rngs(0))
+  for name in ("offset", "mask"):
+    layer = getattr(module, name)
+    np.testing.assert_array_equal(layer.kernel[...], 0)
+    np.testing.assert_array_equal(layer.bias[...], 0)
+  np.testing.assert_array_equal(module.center_feature_scale_proj_weight[...], 0)
+  bound = np.sqrt(6 / (32 + 32))  # Xavier-uniform
+  kernel = np.asarray(module.input_proj.kernel[...])
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.8 * bound
+  np.testing.assert_array_equal(module.input_proj.bias[...], 0)
+  # With zero offsets and a uniform mask a fresh module averages the 3x3 window.
+  x = jax.random.normal(jax.random.key(2), (1, 6, 6, 32))
+  v = module.input_proj(x)
+  padded = jnp.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  window = sum(padded[:, i:i + 6, j:j + 6] for i in range(3) for j in range(3)) / 9
+  # center_feature_scale starts at sigmoid(0) = 0.5 between sampled and projected input.
+  np.testing.assert_allclose(module(x), module.output_proj(0.5 * window + 0.5 * v), atol=1e-5)
+
+  model = models.create("internimage_s", num_classes=10, channels=16, depths=(1, 1, 1, 1),
+                        groups=(1, 2, 4, 8))
+  np.testing.assert_array_equal(model.levels[0].blocks[0].gamma1[...], np.float32(1e-5))
+  fc1 = np.asarray(model.levels[0].blocks[0].mlp.fc1.kernel[...])
+  assert np.abs(fc1).max() <= 2.0 and 0.015 < fc1.std() < 0.025  # trunc normal 0.02
+  conv = np.asarray(model.patch_embed.conv1.kernel[...])
+  assert np.abs(conv).max() <= 1 / np.sqrt(27)  # PyTorch's default conv init bound
+
+
+def test_bfloat16_compute_runs_and_tracks_float32():
+  model = models.create("internimage_t", num_classes=4, **MINI_T)
+  model.eval()
+  x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+  want = model(x)
+  fast = models.create("internimage_t", num_classes=4, dtype=jnp.bfloat16, **MINI_T)
+  nnx.update(fast, nnx.state(model))
+  fast.eval()
+  got = fast(x)
+  assert got.dtype == jnp.bfloat16
+  assert fast.levels[0].blocks[0].dcn.input_proj.kernel.dtype == jnp.float32  # master weights
+  assert_rel_close(got, want, 0.1, "bf16 logits")
+
+
+def test_train_step_reduces_loss():
+  import optax
+
+  model = models.create("internimage_t", num_classes=3, **MINI_H)
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(4), (4, 32, 32, 3))
+  y = jnp.array([0, 1, 2, 0])
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer, x, y)) for _ in range(5)]
+  assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: models.DCNv3(channels=30, group=4, rngs=nnx.Rngs(0)), "divisible by group"),
+    (lambda: models.DCNv3(channels=32, group=4, kernel_size=4, remove_center=True,
+                          rngs=nnx.Rngs(0)), "odd kernel_size"),
+    (lambda: models.create("internimage_t", groups=(3, 8, 16, 32)), "not divisible"),
+    (lambda: models.create("internimage_t", depths=(1, 1, 1)), "4 entries"),
+    (lambda: models.create("internimage_t", level2_post_norm=True,
+                           level2_post_norm_block_ids=(30,)), "out of range"),
+    (lambda: models.create("internimage_s", res_post_norm=True), "res_post_norm"),
+    (lambda: models.create("internimage_t", drop_path_rate=1.0), "drop_path_rate"),
+])
+def test_bad_options_are_named(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()
+
+
+def test_bad_inputs_are_named():
+  model = models.create("internimage_t", num_classes=3, **MINI_T)
+  with pytest.raises(ValueError, match="expected NHWC"):
+    model(jnp.zeros((32, 32, 3)))
+  with pytest.raises(ValueError, match="input channels"):
+    model(jnp.zeros((1, 3, 32, 32)))
+  clip = models.create("internimage_h", num_classes=3, **MINI_H)
+  with pytest.raises(ValueError, match="multiples of 32"):
+    clip(jnp.zeros((1, 48, 64, 3)))
+  module = models.DCNv3(channels=16, group=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"expected input \[N, H, W, 16\]"):
+    module(jnp.zeros((1, 4, 4, 8)))
