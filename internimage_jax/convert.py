@@ -179,8 +179,9 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], strict: b
 
 def to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
   """The module's weights under official names, in PyTorch layout (numpy arrays)."""
-  return {key: np.ascontiguousarray(_to_torch_layout(np.asarray(slot.variable.get_value()),
-                                                     slot.is_kernel))
+  # np.array(order="C"), unlike np.ascontiguousarray, keeps 0-d arrays 0-d.
+  return {key: np.array(_to_torch_layout(np.asarray(slot.variable.get_value()), slot.is_kernel),
+                        order="C")
           for key, slot in sorted(_slots(module).items())}
 
 

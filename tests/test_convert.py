@@ -1,0 +1,204 @@
+"""Official weights <-> NNX: files, command line, round trip and error reporting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import TOL_NET_F32, assert_rel_close, load_golden, params_of, require_golden
+from internimage_jax import convert, models
+
+REPO = Path(__file__).resolve().parents[1]
+MINI_T = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
+MINI_S = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))  # S options: post-norm + layer scale
+
+
+def _mini_t(num_classes: int = 10) -> models.InternImage:
+  return models.create("internimage_t", num_classes=num_classes, **MINI_T)
+
+
+def _check_mini_t_logits(model: models.InternImage) -> None:
+  g = load_golden("model_mini_t")
+  model.eval()
+  logits = model(jnp.asarray(g["input_nchw"].transpose(0, 2, 3, 1), jnp.float32))
+  assert_rel_close(logits, g["logits"], TOL_NET_F32, "logits")
+
+
+def test_load_checkpoint_reads_the_official_pth():
+  model = _mini_t()
+  report = convert.load_checkpoint(model, require_golden() / "model_mini_t.pth")
+  assert report.missing == report.unexpected == report.mismatched == []
+  _check_mini_t_logits(model)
+
+
+def test_command_line_converts_pth_to_orbax(tmp_path):
+  out = tmp_path / "mini_t"
+  result = subprocess.run(
+      [sys.executable, "-m", "internimage_jax.convert", "--model", "internimage_t",
+       "--checkpoint", str(require_golden() / "model_mini_t.pth"), "--out", str(out),
+       "--options", json.dumps(MINI_T)],
+      capture_output=True, text=True, cwd=REPO, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "10 classes" in result.stdout  # read from the checkpoint's head
+  assert json.loads((out / "model.json").read_text())["num_classes"] == 10
+  model = _mini_t()
+  convert.load_checkpoint(model, out)
+  _check_mini_t_logits(model)
+
+  # And back to an official-layout safetensors file.
+  back = tmp_path / "mini_t.safetensors"
+  result = subprocess.run(
+      [sys.executable, "-m", "internimage_jax.convert", "--model", "internimage_t",
+       "--checkpoint", str(out), "--out", str(back)],
+      capture_output=True, text=True, cwd=REPO, check=False)
+  assert result.returncode == 0, result.stderr
+  from safetensors.numpy import load_file
+  exported = load_file(str(back))
+  official = params_of(load_golden("model_mini_t"))
+  assert set(exported) == set(official)
+  for key, value in official.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def test_command_line_reports_errors_without_traceback(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "internimage_jax.convert", "--model", "internimage_t",
+       "--checkpoint", str(require_golden() / "model_mini_t.pth"), "--out", str(tmp_path / "x")],
+      capture_output=True, text=True, cwd=REPO, check=False)
+  assert result.returncode == 1
+  assert "missing" in result.stderr and "shape mismatch" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case", ["model_mini_t", "model_mini_h"])
+def test_round_trip_is_exact(case):
+  from test_models import MINI_H
+  official = params_of(load_golden(case))
+  options = MINI_T if case == "model_mini_t" else MINI_H
+  model = models.create("internimage_t", num_classes=10, **options)
+  convert.load_state_dict(model, official)
+  exported = convert.to_state_dict(model)
+  assert set(exported) == set(official)
+  for key, value in official.items():
+    assert exported[key].shape == value.shape, key
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def test_strict_load_reports_every_problem_at_once():
+  official = params_of(load_golden("model_mini_t"))
+  broken = dict(official)
+  del broken["levels.0.blocks.0.dcn.offset.weight"]
+  del broken["head.bias"]
+  broken["levels.9.extra.weight"] = np.zeros(3, np.float32)
+  broken["levels.0.norm.0.weight"] = np.zeros(5, np.float32)
+  model = _mini_t()
+  before = convert.to_state_dict(model)
+  with pytest.raises(convert.CheckpointMismatchError) as info:
+    convert.load_state_dict(model, broken)
+  message = str(info.value)
+  for text in ("missing (2)", "levels.0.blocks.0.dcn.offset.weight", "head.bias",
+               "unexpected (1)", "levels.9.extra.weight", "shape mismatch (1)",
+               "levels.0.norm.0.weight"):
+    assert text in message, (text, message)
+  # A failed strict load changes nothing.
+  after = convert.to_state_dict(model)
+  for key in before:
+    np.testing.assert_array_equal(before[key], after[key])
+  # Non-strict loads what fits and reports the rest.
+  report = convert.load_state_dict(model, broken, strict=False)
+  assert report.missing == ["head.bias", "levels.0.blocks.0.dcn.offset.weight"]
+  assert report.unexpected == ["levels.9.extra.weight"]
+  assert len(report.mismatched) == 1
+  np.testing.assert_array_equal(convert.to_state_dict(model)["head.weight"], official["head.weight"])
+
+
+def test_head_with_another_class_count_is_a_shape_mismatch():
+  official = params_of(load_golden("model_mini_t"))
+  model = _mini_t(num_classes=4)
+  with pytest.raises(convert.CheckpointMismatchError, match="head.weight"):
+    convert.load_state_dict(model, official)
+  report = convert.load_state_dict(model, official, strict=False)  # fine-tuning: new head
+  assert sorted(k.split(":")[0] for k in report.mismatched) == ["head.bias", "head.weight"]
+
+
+def test_hugging_face_names_and_wrappers(tmp_path):
+  torch = pytest.importorskip("torch")
+  source = models.create("internimage_s", num_classes=6, rngs=nnx.Rngs(5), **MINI_S)
+  official = convert.to_state_dict(source)
+  assert "levels.0.blocks.0.gamma1" in official
+  hf = {"model." + k.replace(".gamma1", ".layer_scale1").replace(".gamma2", ".layer_scale2"): v
+        for k, v in official.items()}
+  target = models.create("internimage_s", num_classes=6, rngs=nnx.Rngs(6), **MINI_S)
+  convert.load_state_dict(target, hf)
+  _assert_same(convert.to_state_dict(target), official)
+
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in official.items()}
+  noise = {k: t + 1 if t.is_floating_point() else t for k, t in tensors.items()}
+  for wrapper, use_ema, want in (
+      ({"state_dict": tensors}, False, official),
+      ({"module": {"module." + k: t for k, t in tensors.items()}}, False, official),
+      ({"model": noise, "model_ema": tensors}, True, official),
+  ):
+    path = tmp_path / "weights.pth"
+    torch.save(wrapper, path)
+    target = models.create("internimage_s", num_classes=6, rngs=nnx.Rngs(7), **MINI_S)
+    convert.load_checkpoint(target, path, use_ema=use_ema)
+    _assert_same(convert.to_state_dict(target), want)
+  with pytest.raises(convert.CheckpointMismatchError, match="model_ema"):
+    torch.save({"model": tensors}, tmp_path / "no_ema.pth")
+    convert.load_checkpoint(target, tmp_path / "no_ema.pth", use_ema=True)
+
+
+def test_safetensors_and_npz_need_no_torch(tmp_path):
+  source = _mini_t()
+  convert.load_state_dict(source, params_of(load_golden("model_mini_t")))
+  path = convert.save_safetensors(source, tmp_path / "w.safetensors")
+  np.savez(tmp_path / "w.npz", **convert.to_state_dict(source))
+  for file in (path, tmp_path / "w.npz"):
+    target = _mini_t()
+    convert.load_checkpoint(target, file)
+    _check_mini_t_logits(target)
+  code = ("import sys; sys.modules['torch'] = None\n"
+          "from internimage_jax import convert, models\n"
+          f"m = models.create('internimage_t', num_classes=10, **{MINI_T!r})\n"
+          f"convert.load_checkpoint(m, {str(path)!r})\n")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_single_dcnv3_module_with_relative_keys():
+  g = load_golden("module_default")
+  module = models.DCNv3(channels=32, group=4, rngs=nnx.Rngs(0))
+  convert.load_state_dict(module, params_of(g))
+  exported = convert.to_state_dict(module)
+  assert set(exported) == set(params_of(g))
+  assert "dw_conv.0.weight" in exported and "dw_conv.1.1.weight" in exported
+
+
+def test_unreadable_or_missing_checkpoints_are_named(tmp_path):
+  model = _mini_t()
+  with pytest.raises(FileNotFoundError, match="not found"):
+    convert.load_checkpoint(model, tmp_path / "nope.pth")
+  (tmp_path / "w.txt").write_text("x")
+  with pytest.raises(ValueError, match="unsupported checkpoint format"):
+    convert.load_checkpoint(model, tmp_path / "w.txt")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="not an orbax checkpoint"):
+    convert.load_checkpoint(model, tmp_path / "empty")
+  other = models.create("internimage_t", num_classes=10, channels=8, depths=(1, 1, 1, 1),
+                        groups=(1, 2, 4, 8))
+  convert.save_orbax(other, tmp_path / "other")
+  with pytest.raises(convert.CheckpointMismatchError, match="does not match"):
+    convert.load_checkpoint(model, tmp_path / "other")
+
+
+def _assert_same(got: dict, want: dict) -> None:
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
