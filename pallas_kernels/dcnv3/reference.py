@@ -168,25 +168,31 @@ def _backward(
     px, py = _point_positions(offset, point, params, cdt)
     m_p = jax.lax.dynamic_index_in_dim(m, point, axis=4, keepdims=False).astype(cdt)
     corners = bilinear_corners(px, py, g, h, w)
-    # <corner value, grad_out> for the four corners at once: [N, Ho, Wo, G, 4].
-    corner_values = _gather(table, jnp.stack([k.index for k in corners], -1), cdt)
+    rows = jnp.stack([k.index for k in corners], -1)  # [N, Ho, Wo, G, 4]
+    # <corner value, grad_out> for the four corners at once.
+    corner_values = _gather(table, rows, cdt)
     dots = jnp.einsum("...kc,...c->...k", corner_values, gout)
-    weights = [jnp.stack([getattr(k, f) for k in corners], -1)
-               for f in ("weight", "dweight_dx", "dweight_dy")]
-    g_mask, g_x, g_y = (jnp.sum(wt * dots, axis=-1) for wt in weights)
-    grad_mask = jax.lax.dynamic_update_index_in_dim(grad_mask, g_mask, point, axis=4)
+    # Sums over the four corners written out: XLA:CPU runs a small reduction far
+    # slower than the equivalent elementwise fusion.
+    g_mask = sum(k.weight * dots[..., i] for i, k in enumerate(corners))
+    g_x = sum(k.dweight_dx * dots[..., i] for i, k in enumerate(corners))
+    g_y = sum(k.dweight_dy * dots[..., i] for i, k in enumerate(corners))
+    grad_mask = jax.lax.dynamic_update_index_in_dim(grad_mask, g_mask, point, axis=0)
     grad_pos = jax.lax.dynamic_update_index_in_dim(
-        grad_pos, m_p[..., None] * jnp.stack([g_x, g_y], -1), point, axis=4)
-    for k in corners:
-      grad_table = grad_table.at[k.index].add(
-          (m_p * k.weight)[..., None] * gout, mode="promise_in_bounds")
+        grad_pos, jnp.stack([m_p * g_x, m_p * g_y]), point, axis=0)
+    # One scatter for the four corners (it shares the row indices with the gather).
+    weights = jnp.stack([m_p * k.weight for k in corners], -1)
+    grad_table = grad_table.at[rows].add(
+        weights[..., None] * gout[..., None, :], mode="promise_in_bounds")
     return grad_table, grad_pos, grad_mask
 
   grad_table, grad_pos, grad_mask = jax.lax.fori_loop(0, p, accumulate, (
       jnp.zeros((n * h * w * g, c), cdt),
-      jnp.zeros((n, ho, wo, g, p, 2), cdt),
-      jnp.zeros((n, ho, wo, g, p), cdt),
+      jnp.zeros((p, 2, n, ho, wo, g), cdt),
+      jnp.zeros((p, n, ho, wo, g), cdt),
   ))
+  grad_pos = jnp.moveaxis(grad_pos, (0, 1), (-2, -1))
+  grad_mask = jnp.moveaxis(grad_mask, 0, -1)
   # d position / d offset = offset_scale.
   grad_offset = params.offset_scale * grad_pos
   return (
