@@ -2,15 +2,21 @@
 
 The operator is a bilinear gather. Channels-last input ``[N, H, W, G*C]`` is viewed
 as a table of ``N*H*W*G`` rows of ``C`` channels (a free reshape), so every
-bilinear corner of every sampling point is one row index, and the whole operator
-is four row gathers (one per corner) reduced over the points with the weights
-``mask * bilinear``.
+bilinear corner of every sampling point is one row index.
 
-Memory. Autodiff through the gather would keep the gathered corners
-(``4 * P`` copies of the input, 36x for a 3x3 kernel) alive until the backward
-pass. The custom VJP below keeps only the inputs and recomputes the corner
-indices and weights in the backward pass; each corner's gather feeds a reduction
-directly, which XLA fuses, so no ``[.., P, C]`` tensor is materialised.
+Memory. Autodiff through the gather would keep the gathered corners (``4 * P``
+input-sized copies, 36x for a 3x3 kernel) alive until the backward pass. The
+custom VJP below keeps only the inputs and recomputes indices and weights in the
+backward pass.
+
+Speed (XLA:CPU). The batch is cut into chunks of whole images (``lax.map``) small
+enough that the gathered table stays in cache, and within a chunk both passes loop
+over the P sampling points. XLA:CPU fuses a gather into elementwise consumers but
+not into reductions, so the forward sums the four weighted corner gathers of one
+point elementwise into the output, and the backward, per point, gathers the four
+corners once, contracts them with the output gradient, and scatters the four
+weighted copies of the output gradient in a single scatter that reuses the
+gather's row indices.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 class Corner(NamedTuple):
-  """One bilinear neighbour of every sampling point, shaped ``[N, Ho, Wo, G, P]``."""
+  """One bilinear neighbour of one sampling point per output pixel and group: ``[N, Ho, Wo, G]``."""
 
   index: jax.Array  # row of the ``[N*H*W*G, C]`` table (clamped in range)
   weight: jax.Array  # bilinear weight, zero where the neighbour is outside the image
@@ -49,20 +55,6 @@ def _centres(params: DCNv3Params, out_h: int, out_w: int) -> tuple[np.ndarray, n
   centre_x = np.arange(out_w) * sw + (dw * (kw - 1)) // 2 - pw
   centre_y = np.arange(out_h) * sh + (dh * (kh - 1)) // 2 - ph
   return centre_x, centre_y
-
-
-def sampling_positions(
-    offset: jax.Array, params: DCNv3Params, dtype: jnp.dtype
-) -> tuple[jax.Array, jax.Array]:
-  """Absolute ``(px, py)``, each ``[N, Ho, Wo, G, P]``, in unpadded input pixels."""
-  n, ho, wo, _ = offset.shape
-  s = params.offset_scale
-  off = offset.astype(dtype).reshape(n, ho, wo, params.group, params.num_points, 2)
-  grid = np.asarray(params.kernel_grid(), dtype=np.float64)  # [P, (dx, dy)]
-  centre_x, centre_y = _centres(params, ho, wo)
-  base_x = (centre_x[:, None, None] + s * grid[:, 0]).astype(dtype)  # [Wo, 1, P]
-  base_y = (centre_y[:, None, None, None] + s * grid[:, 1]).astype(dtype)  # [Ho, 1, 1, P]
-  return base_x + s * off[..., 0], base_y + s * off[..., 1]
 
 
 def _point_positions(
@@ -85,15 +77,14 @@ def bilinear_corners(
 ) -> list[Corner]:
   """Row indices, weights and weight derivatives of the four bilinear corners.
 
-  ``px`` and ``py`` are ``[N, Ho, Wo, G, ...]``; rows index the ``[N*H*W*G, C]`` table.
+  ``px`` and ``py`` are ``[N, Ho, Wo, G]``; rows index the ``[N*H*W*G, C]`` table.
   """
   n = px.shape[0]
   x0, y0 = jnp.floor(px), jnp.floor(py)
   lx, ly = px - x0, py - y0
   x0i, y0i = x0.astype(jnp.int32), y0.astype(jnp.int32)
-  trailing = (1,) * (px.ndim - 4)
-  batch = jnp.arange(n, dtype=jnp.int32).reshape(n, 1, 1, 1, *trailing)
-  grp = jnp.arange(group, dtype=jnp.int32).reshape(group, *trailing)
+  batch = jnp.arange(n, dtype=jnp.int32).reshape(n, 1, 1, 1)
+  grp = jnp.arange(group, dtype=jnp.int32)
   corners = []
   for dy, dx in _CORNERS:
     yy, xx = y0i + dy, x0i + dx
@@ -123,15 +114,45 @@ def _gather(table: jax.Array, index: jax.Array, dtype: jnp.dtype) -> jax.Array:
   return table.at[index].get(mode="promise_in_bounds").astype(dtype)
 
 
-# Both passes loop over the P sampling points rather than vectorising over them:
-# XLA:CPU does not fuse a gather into the reduction that consumes it, so a
-# vectorised gather would materialise [N, Ho, Wo, G, P, C] per corner. One point
-# at a time keeps every temporary at the size of the output, with its index
-# arithmetic fused into the gather.
+# Rows gathered per corner per loop step that keep the working set cache-sized: the
+# batch is processed in chunks of whole images holding about this many output
+# pixel-groups (one image of InternImage-T level 0 at 224 px; all 8 at level 3).
+_CHUNK_ROWS = 16384
+
+
+def images_per_chunk(batch: int, out_h: int, out_w: int, group: int) -> int:
+  """The largest divisor of ``batch`` whose images hold at most ``_CHUNK_ROWS`` rows."""
+  limit = max(1, _CHUNK_ROWS // (out_h * out_w * group))
+  return max(d for d in range(1, batch + 1) if batch % d == 0 and d <= limit)
+
+
+def _over_image_chunks(fn, arrays: tuple[jax.Array, ...], params: DCNv3Params):
+  """Applies ``fn`` to chunks of whole images (``lax.map``) and restacks the results."""
+  n, ho, wo, _ = arrays[1].shape  # offset
+  ip = images_per_chunk(n, ho, wo, params.group)
+  if ip == n:
+    return fn(*arrays)
+  chunks = tuple(a.reshape(n // ip, ip, *a.shape[1:]) for a in arrays)
+  out = jax.lax.map(lambda args: fn(*args), chunks)
+  return jax.tree.map(lambda o: o.reshape(n, *o.shape[2:]), out)
 
 
 @functools.partial(jax.jit, static_argnames=("params",))
 def _forward(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Params) -> jax.Array:
+  return _over_image_chunks(functools.partial(_forward_chunk, params=params), (x, offset, mask),
+                            params)
+
+
+@functools.partial(jax.jit, static_argnames=("params",))
+def _backward(
+    x: jax.Array, offset: jax.Array, mask: jax.Array, grad_out: jax.Array, params: DCNv3Params
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return _over_image_chunks(functools.partial(_backward_chunk, params=params),
+                            (x, offset, mask, grad_out), params)
+
+
+def _forward_chunk(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Params
+                   ) -> jax.Array:
   n, h, w, gc = x.shape
   g, p = params.group, params.num_points
   _, ho, wo, _ = offset.shape
@@ -150,8 +171,7 @@ def _forward(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Para
   return out.reshape(n, ho, wo, gc).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("params",))
-def _backward(
+def _backward_chunk(
     x: jax.Array, offset: jax.Array, mask: jax.Array, grad_out: jax.Array, params: DCNv3Params
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   n, h, w, gc = x.shape
@@ -186,6 +206,7 @@ def _backward(
         weights[..., None] * gout[..., None, :], mode="promise_in_bounds")
     return grad_table, grad_pos, grad_mask
 
+  # Point-major gradient buffers: each point writes one contiguous slab.
   grad_table, grad_pos, grad_mask = jax.lax.fori_loop(0, p, accumulate, (
       jnp.zeros((n * h * w * g, c), cdt),
       jnp.zeros((p, 2, n, ho, wo, g), cdt),

@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end (tiny sizes; numbers are not checked here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dcnv3_op_benchmark_runs(tmp_path):
+  out = tmp_path / "op.json"
+  subprocess.run([sys.executable, "benchmarks/dcnv3_op.py", "--batch", "1", "--levels", "3",
+                  "--repeats", "1", "--json", str(out)], check=True, cwd=REPO,
+                 capture_output=True, text=True)
+  results = json.loads(out.read_text())["results"]
+  assert {(r["mode"], r["impl"]) for r in results} == {("fwd", "xla"), ("fwd_bwd", "xla")}
+  for r in results:
+    assert r["seconds"] > 0 and r["xla_temp_plus_output_bytes"] > 0
+    assert r["size"] == 7 and r["channels"] == 512 and r["group"] == 32  # T level 3
+
+
+def test_model_benchmark_runs():
+  options = json.dumps({"channels": 16, "depths": [1, 1, 1, 1], "groups": [1, 2, 4, 8]})
+  proc = subprocess.run([sys.executable, "benchmarks/model.py", "--batch", "2", "--image-size",
+                         "32", "--repeats", "1", "--options", options],
+                        check=True, cwd=REPO, capture_output=True, text=True)
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["infer_images_per_second"] > 0 and result["train_images_per_second"] > 0
+  assert result["first_loss"] > 0
