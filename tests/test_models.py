@@ -115,8 +115,11 @@ def test_feature_api_shapes_and_strides():
 def test_drop_path_follows_train_and_eval_modes():
   model = models.create("internimage_t", num_classes=5, drop_path_rate=0.5, drop_rate=0.2,
                         rngs=nnx.Rngs(params=0, dropout=1), **MINI_T)
-  model.head_norm.use_running_average = True  # isolate the stochastic layers
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  assert model.levels[0].blocks[0].drop_path.deterministic  # new models evaluate
+  np.testing.assert_array_equal(model(x), model(x))
+  model.train()
+  model.head_norm.use_running_average = True  # isolate the stochastic layers
   train_a, train_b = model(x), model(x)
   assert not np.allclose(train_a, train_b), "training mode must draw new drop masks"
   model.eval()
@@ -131,6 +134,7 @@ def test_drop_path_follows_train_and_eval_modes():
 
 def test_batchnorm_updates_running_stats_like_pytorch():
   model = models.create("internimage_t", num_classes=3, **MINI_T)
+  model.train()
   bn = model.head_norm
   x = jax.random.normal(jax.random.key(1), (4, 2, 2, bn.weight.shape[0])) * 3 + 1
   bn(x)
@@ -186,6 +190,7 @@ def test_train_step_reduces_loss():
   import optax
 
   model = models.create("internimage_t", num_classes=3, **MINI_H)
+  model.train()
   optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(4), (4, 32, 32, 3))
   y = jnp.array([0, 1, 2, 0])

@@ -200,7 +200,11 @@ def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
 
 
 class InternImage(nnx.Module, TorchNamed):
-  """InternImage on NHWC images; ``forward_features`` gives the four level outputs."""
+  """InternImage on NHWC images; ``forward_features`` gives the four level outputs.
+
+  A new model is in evaluation mode; ``model.train()`` turns on drop path, dropout
+  and batch statistics, ``model.eval()`` turns them off again.
+  """
 
   torch_names: ClassVar[dict[str, str]] = {
       "conv_head": "conv_head.0", "head_norm": "conv_head.1.0",
@@ -297,6 +301,9 @@ class InternImage(nnx.Module, TorchNamed):
       self.fc_norm = layer_norm(CLIP_EMBED_DIM, **kw)
       head_in = CLIP_EMBED_DIM
     self.head = linear(head_in, num_classes, **kw) if num_classes > 0 else None
+    # Start in evaluation mode, as published weights are mostly used for inference;
+    # training code calls model.train() (drop path, dropout, batch statistics).
+    self.eval()
 
   def _check_input(self, x: jax.Array) -> None:
     if x.ndim != 4:
