@@ -3,9 +3,10 @@
     python benchmarks/dcnv3_op.py --batch 8 64 --json dcnv3_op.json
     python benchmarks/dcnv3_op.py --batch 8 --torch-reference /path/to/InternImage
 
-Each case runs in two fresh worker processes, so one case's memory never counts
-toward another's. Time is the median of ``--repeats`` calls after compilation, with
-the default allocator. Peak memory is measured in a second worker: the growth of the
+Each case runs in fresh worker processes, so one case's memory never counts toward
+another's. Time is the median over ``--repeats`` rounds of three calls per
+implementation after compilation, all implementations timed in one worker with
+their rounds interleaved, with the default allocator. Peak memory is measured in a second worker: the growth of the
 process RSS during one call, sampled at ~2 kHz with glibc set to return large blocks
 on free; the same measure for JAX and for PyTorch. For JAX the compiler's own count
 (temporaries + outputs) is reported beside it.
@@ -133,9 +134,13 @@ def _worker(case: dict) -> None:
     times = {impl: [] for impl in calls}
     for impl, (call, _) in calls.items():
       call()  # compile / warm up
+    # Rounds of a few consecutive calls per implementation: the first call after a
+    # switch can be slowed by the other library's worker threads still spinning,
+    # and the median discards it.
     for _ in range(case["repeats"]):
       for impl, (call, _) in calls.items():
-        times[impl].append(median_seconds(call, 1, warmup=0))
+        for _ in range(3):
+          times[impl].append(median_seconds(call, 1, warmup=0))
     for impl in calls:
       results[impl]["seconds"] = statistics.median(times[impl])
   else:
