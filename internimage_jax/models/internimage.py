@@ -82,25 +82,23 @@ class Block(nnx.Module, TorchNamed):
       self.res_post_norm1 = layer_norm(channels, **kw)
       self.res_post_norm2 = layer_norm(channels, **kw)
 
+  def _branch(self, x: jax.Array, fn, norm, res_post_norm, gamma) -> jax.Array:
+    """One residual branch in the variant's norm placement (spec section 3)."""
+    if self.post_norm:
+      y = norm(fn(x))
+    else:
+      y = fn(norm(x))
+      if self.res_post_norm:
+        y = res_post_norm(y)
+    if self.layer_scale:
+      y = gamma[...] * y
+    return x + self.drop_path(y)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.post_norm:
-      f = self.norm1(self.dcn(x))
-    else:
-      f = self.dcn(self.norm1(x))
-      if self.res_post_norm:
-        f = self.res_post_norm1(f)
-    if self.layer_scale:
-      f = self.gamma1[...] * f
-    x = x + self.drop_path(f)
-    if self.post_norm:
-      h = self.norm2(self.mlp(x))
-    else:
-      h = self.mlp(self.norm2(x))
-      if self.res_post_norm:
-        h = self.res_post_norm2(h)
-    if self.layer_scale:
-      h = self.gamma2[...] * h
-    return x + self.drop_path(h)
+    x = self._branch(x, self.dcn, self.norm1, getattr(self, "res_post_norm1", None),
+                     getattr(self, "gamma1", None))
+    return self._branch(x, self.mlp, self.norm2, getattr(self, "res_post_norm2", None),
+                        getattr(self, "gamma2", None))
 
 
 class Level(nnx.Module, TorchNamed):
