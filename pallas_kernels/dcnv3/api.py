@@ -7,11 +7,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dcnv3.config import INTERPRET_CONFIG, TritonConfig
 from pallas_kernels.dcnv3.params import DCNv3Params, IntOrPair
 from pallas_kernels.dcnv3.reference import dcnv3_xla
+from pallas_kernels.dcnv3.triton import dcnv3_triton
 
-Implementation = Literal["auto", "xla"]
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla")
+Implementation = Literal["auto", "xla", "pallas"]
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
 
 
 def _check_shapes(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Params) -> None:
@@ -64,7 +66,10 @@ def dcnv3(
     group: number of groups G; each owns ``C = channels // group`` channels.
     offset_scale: scales the learned offsets and the fixed kernel grid.
     remove_center: drop the centre point (odd square kernels only).
-    implementation: ``"auto"`` or ``"xla"`` (the vmapped bilinear-gather fallback).
+    implementation: ``"xla"``, the bilinear-gather fallback (every platform);
+      ``"pallas"``, the Pallas Triton kernels on GPU and the same kernels in
+      interpret mode on CPU (no TPU kernel yet: a clear error there); ``"auto"``,
+      the XLA fallback until the Pallas kernels have been checked on a GPU.
 
   Returns:
     ``[N, Ho, Wo, group * C]`` in the dtype of ``x``; accumulation is float32 for
@@ -78,4 +83,13 @@ def dcnv3(
       offset_scale=offset_scale, remove_center=remove_center)
   x, offset, mask = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(mask)
   _check_shapes(x, offset, mask, params)
+  if implementation == "pallas":
+    platform = jax.default_backend()
+    if platform == "gpu":
+      return dcnv3_triton(x, offset, mask, params, TritonConfig(), False)
+    if platform == "cpu":
+      return dcnv3_triton(x, offset, mask, params, INTERPRET_CONFIG, True)
+    raise NotImplementedError(
+        f"dcnv3: implementation='pallas' has no kernel for {platform!r} yet; "
+        "use implementation='xla'")
   return dcnv3_xla(x, offset, mask, params)

@@ -1,0 +1,122 @@
+"""Pallas Triton DCNv3 kernels on CPU: interpret mode against the goldens and the
+XLA fallback, and lowering for CUDA through ``jax.export`` (no GPU needed)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from helpers import (assert_rel_close, golden_cases, golden_index, golden_tol, load_golden,
+                     precision)
+from internimage_jax import ops
+from pallas_kernels.dcnv3 import DCNv3Params
+from pallas_kernels.dcnv3.config import TritonConfig
+from pallas_kernels.dcnv3.shapes import stage_shapes
+from pallas_kernels.dcnv3.triton import dcnv3_triton
+from test_dcnv3_op import _golden_kwargs
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", golden_cases("dcnv3_core"))
+def test_interpret_matches_golden(case, dtype):
+  g = load_golden(case)
+  kwargs = _golden_kwargs(golden_index()[case])
+  with precision(dtype):
+    x, offset, mask, grad_out = (jnp.asarray(g[k], dtype)
+                                 for k in ("input", "offset", "mask", "grad_output"))
+    op = functools.partial(ops.dcnv3, implementation="pallas", **kwargs)
+    out, vjp = jax.vjp(op, x, offset, mask)
+    grads = vjp(grad_out)
+    tol = golden_tol(dtype)
+    assert_rel_close(out, g["output"], tol, "output")
+    for grad, key in zip(grads, ("grad_input", "grad_offset", "grad_mask")):
+      assert grad.dtype == dtype
+      assert_rel_close(grad, g[key], tol, key)
+
+
+def _random(shape, channels, group, points, out_hw, seed=0, offset_std=2.0):
+  n, h, w = shape
+  ho, wo = out_hw
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((n, h, w, channels)).astype(np.float32),
+          (offset_std * rng.standard_normal((n, ho, wo, group * points * 2))).astype(np.float32),
+          rng.random((n, ho, wo, group * points)).astype(np.float32),
+          rng.standard_normal((n, ho, wo, channels)).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape,channels,kwargs,offset_std", [
+    ((1, 5, 7), 24, dict(group=2), 2.0),  # odd, non-square; 12 channels/group: padded to 16
+    ((2, 6, 6), 16, dict(group=2, stride=2, pad=0, kernel_size=3), 1.0),  # 8 channels/group
+    ((1, 9, 8), 32, dict(group=1, kernel_size=5, pad=2, dilation=(2, 1), remove_center=True), 1.5),
+    ((1, 4, 4), 16, dict(group=1), 40.0),  # offsets far outside the image
+], ids=["odd-padded", "stride2", "k5-dil-rc", "far"])
+def test_interpret_matches_the_fallback(shape, channels, kwargs, offset_std):
+  params = DCNv3Params.create(**kwargs)
+  out_hw = params.output_size(shape[1], shape[2])
+  x, offset, mask, grad_out = _random(shape, channels, params.group, params.num_points, out_hw,
+                                      offset_std=offset_std)
+  results = {}
+  for impl in ("xla", "pallas"):
+    op = functools.partial(ops.dcnv3, implementation=impl, **kwargs)
+    out, vjp = jax.vjp(op, x, offset, mask)
+    results[impl] = (out, *vjp(grad_out))
+  for name, got, want in zip(("out", "grad_x", "grad_offset", "grad_mask"),
+                             results["pallas"], results["xla"]):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_wide_blocks_match_in_interpret_mode_where_no_atomics_are_involved():
+  """block_q > 1: the forward and the offset/mask gradients (no atomics) are exact."""
+  params = DCNv3Params.create(group=2)
+  x, offset, mask, grad_out = _random((2, 5, 6), 32, 2, 9, (5, 6), seed=3)
+  config = TritonConfig(block_q=16, num_warps=4)
+  out, vjp = jax.vjp(lambda a, b, c: dcnv3_triton(a, b, c, params, config, True), x, offset, mask)
+  _, grad_offset, grad_mask = vjp(grad_out)
+  want_out, want_vjp = jax.vjp(functools.partial(ops.dcnv3, group=2, implementation="xla"),
+                               x, offset, mask)
+  _, want_offset, want_mask = want_vjp(grad_out)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_offset, want_offset, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_mask, want_mask, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_in_interpret_mode():
+  x, offset, mask, _ = _random((1, 6, 6), 32, 2, 9, (6, 6))
+  want = ops.dcnv3(x, offset, mask, group=2, implementation="xla")
+  xb, ob, mb = (jnp.asarray(a, jnp.bfloat16) for a in (x, offset, mask))
+  out = ops.dcnv3(xb, ob, mb, group=2, implementation="pallas")
+  assert out.dtype == jnp.bfloat16
+  assert_rel_close(out, want, 2e-2, "bf16")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kernels_lower_for_cuda(dtype):
+  """Export for CUDA lowers both kernels to Triton without a GPU on this machine."""
+  shape = stage_shapes("internimage_t", batch=2)[0]
+  s, c, g = shape.size, shape.channels, shape.group
+  args = (jax.ShapeDtypeStruct((2, s, s, c), dtype),
+          jax.ShapeDtypeStruct((2, s, s, g * 18), dtype),
+          jax.ShapeDtypeStruct((2, s, s, g * 9), dtype))
+  params = DCNv3Params.create(group=g)
+  op = lambda x, o, m: dcnv3_triton(x, o, m, params, TritonConfig(), False)
+  loss = lambda x, o, m: jnp.sum(op(x, o, m).astype(jnp.float32))
+  checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+  for fn, kernel in ((op, "dcnv3_forward"), (jax.grad(loss, argnums=(0, 1, 2)), "dcnv3_backward")):
+    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    text = exported.mlir_module()
+    assert exported.platforms == ("cuda",)
+    assert TRITON_CALL in text and kernel in text
+
+
+@pytest.mark.parametrize("kwargs", [dict(block_q=48), dict(num_warps=3), dict(num_stages=0),
+                                    dict(block_q=0)])
+def test_config_validates(kwargs):
+  with pytest.raises(ValueError, match="TritonConfig"):
+    TritonConfig(**kwargs)
