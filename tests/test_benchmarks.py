@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,15 @@ def test_model_benchmark_runs():
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["infer_images_per_second"] > 0 and result["train_images_per_second"] > 0
   assert result["first_loss"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+  """The prepared GPU command, in its tiny CPU mode (Pallas kernels interpreted)."""
+  subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--skip-tests",
+                  "--repeats", "1", "--out", str(tmp_path)], check=True, cwd=REPO,
+                 capture_output=True, text=True)
+  report = json.loads((tmp_path / "gpu_check.json").read_text())
+  assert {r["impl"] for r in report["operator"]} == {"pallas", "xla"}
+  assert all("train_images_per_second" in s for s in report["train_step"])
+  assert "speed-up vs xla" in (tmp_path / "gpu_check.md").read_text()
