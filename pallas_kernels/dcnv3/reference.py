@@ -35,9 +35,10 @@ _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 class Corner(NamedTuple):
-  """One bilinear neighbour of one sampling point per output pixel and group: ``[N, Ho, Wo, G]``."""
+  """One bilinear neighbour of a set of sampling points (arrays of their shape)."""
 
   index: jax.Array  # row of the ``[N*H*W*G, C]`` table (clamped in range)
+  inside: jax.Array  # whether the neighbour lies in the image
   weight: jax.Array  # bilinear weight, zero where the neighbour is outside the image
   dweight_dx: jax.Array  # d weight / d px
   dweight_dy: jax.Array  # d weight / d py
@@ -73,18 +74,18 @@ def _point_positions(
 
 
 def bilinear_corners(
-    px: jax.Array, py: jax.Array, group: int, height: int, width: int
+    px: jax.Array, py: jax.Array, *, batch: jax.Array, group_index: jax.Array, group: int,
+    height: int, width: int
 ) -> list[Corner]:
   """Row indices, weights and weight derivatives of the four bilinear corners.
 
-  ``px`` and ``py`` are ``[N, Ho, Wo, G]``; rows index the ``[N*H*W*G, C]`` table.
+  ``batch`` and ``group_index`` (ints broadcastable to ``px``) say whose points they
+  are; rows index the ``[N*H*W*G, C]`` table. Shared by the XLA fallback and the
+  Pallas kernels, so both sample exactly the same way.
   """
-  n = px.shape[0]
   x0, y0 = jnp.floor(px), jnp.floor(py)
   lx, ly = px - x0, py - y0
   x0i, y0i = x0.astype(jnp.int32), y0.astype(jnp.int32)
-  batch = jnp.arange(n, dtype=jnp.int32).reshape(n, 1, 1, 1)
-  grp = jnp.arange(group, dtype=jnp.int32)
   corners = []
   for dy, dx in _CORNERS:
     yy, xx = y0i + dy, x0i + dx
@@ -93,14 +94,24 @@ def bilinear_corners(
     wx = lx if dx else 1 - lx
     zero = jnp.zeros_like(wy)
     row = ((batch * height + jnp.clip(yy, 0, height - 1)) * width
-           + jnp.clip(xx, 0, width - 1)) * group + grp
+           + jnp.clip(xx, 0, width - 1)) * group + group_index
     corners.append(Corner(
         index=row,
+        inside=inside,
         weight=jnp.where(inside, wy * wx, zero),
         dweight_dx=jnp.where(inside, wy if dx else -wy, zero),
         dweight_dy=jnp.where(inside, wx if dy else -wx, zero),
     ))
   return corners
+
+
+def _table_corners(px: jax.Array, py: jax.Array, group: int, height: int, width: int
+                   ) -> list[Corner]:
+  """``bilinear_corners`` for ``[N, Ho, Wo, G]`` positions of a whole batch."""
+  n = px.shape[0]
+  return bilinear_corners(
+      px, py, batch=jnp.arange(n, dtype=jnp.int32).reshape(n, 1, 1, 1),
+      group_index=jnp.arange(group, dtype=jnp.int32), group=group, height=height, width=width)
 
 
 def _as_table(x: jax.Array, group: int) -> jax.Array:
@@ -163,7 +174,7 @@ def _forward_chunk(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCN
   def accumulate(point, out):
     px, py = _point_positions(offset, point, params, cdt)
     m_p = jax.lax.dynamic_index_in_dim(m, point, axis=4, keepdims=False).astype(cdt)
-    for corner in bilinear_corners(px, py, g, h, w):
+    for corner in _table_corners(px, py, g, h, w):
       out = out + _gather(table, corner.index, cdt) * (m_p * corner.weight)[..., None]
     return out
 
@@ -187,7 +198,7 @@ def _backward_chunk(
     grad_table, grad_pos, grad_mask = carry
     px, py = _point_positions(offset, point, params, cdt)
     m_p = jax.lax.dynamic_index_in_dim(m, point, axis=4, keepdims=False).astype(cdt)
-    corners = bilinear_corners(px, py, g, h, w)
+    corners = _table_corners(px, py, g, h, w)
     rows = jnp.stack([k.index for k in corners], -1)  # [N, Ho, Wo, G, 4]
     # <corner value, grad_out> for the four corners at once.
     corner_values = _gather(table, rows, cdt)

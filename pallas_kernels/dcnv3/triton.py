@@ -31,7 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dcnv3.config import TritonConfig
 from pallas_kernels.dcnv3.params import DCNv3Params
-from pallas_kernels.dcnv3.reference import compute_dtype
+from pallas_kernels.dcnv3.reference import Corner, bilinear_corners, compute_dtype
 
 
 class _Geometry:
@@ -72,27 +72,10 @@ def _query_centres(q, geo: _Geometry, dtype):
   return n, g, cx, cy
 
 
-def _corners(px, py, n, g, geo: _Geometry):
-  """``(row, inside, weight, dweight/dpx, dweight/dpy)`` of the four bilinear corners.
-
-  Rows are clamped into the table, so even a dead corner addresses valid memory.
-  """
-  x0f, y0f = jnp.floor(px), jnp.floor(py)
-  lx, ly = px - x0f, py - y0f
-  x0, y0 = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
-  out = []
-  for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
-    yy, xx = y0 + dy, x0 + dx
-    inside = (yy >= 0) & (yy < geo.h) & (xx >= 0) & (xx < geo.w)
-    wy = ly if dy else 1 - ly
-    wx = lx if dx else 1 - lx
-    zero = jnp.zeros_like(wy)
-    row = ((n * geo.h + jnp.clip(yy, 0, geo.h - 1)) * geo.w + jnp.clip(xx, 0, geo.w - 1)) * geo.g + g
-    out.append((row, inside,
-                jnp.where(inside, wy * wx, zero),
-                jnp.where(inside, wy if dx else -wy, zero),
-                jnp.where(inside, wx if dy else -wx, zero)))
-  return out
+def _corners(px, py, n, g, geo: _Geometry) -> list[Corner]:
+  """The four bilinear corners of the lanes' points (rows clamped in bounds)."""
+  return bilinear_corners(px, py, batch=n, group_index=g, group=geo.g, height=geo.h,
+                          width=geo.w)
 
 
 def _positions(off_ref, q, live, p, cx, cy, geo: _Geometry, dtype):
@@ -113,10 +96,10 @@ def _forward_kernel(x_ref, off_ref, mask_ref, out_ref, *, geo: _Geometry, block_
   for p in range(geo.p):
     px, py = _positions(off_ref, q, live, p, cx, cy, geo, acc_dtype)
     m = plgpu.load(mask_ref.at[q, p], mask=live, other=0.0).astype(acc_dtype)
-    for row, inside, weight, _, _ in _corners(px, py, n, g, geo):
-      value = plgpu.load(x_ref.at[row[:, None], ch[None, :]],
-                         mask=(inside & live)[:, None] & ch_live[None, :], other=0.0)
-      acc += (m * weight)[:, None] * value.astype(acc_dtype)
+    for k in _corners(px, py, n, g, geo):
+      value = plgpu.load(x_ref.at[k.index[:, None], ch[None, :]],
+                         mask=(k.inside & live)[:, None] & ch_live[None, :], other=0.0)
+      acc += (m * k.weight)[:, None] * value.astype(acc_dtype)
   plgpu.store(out_ref.at[q[:, None], ch[None, :]], acc.astype(out_ref.dtype),
               mask=live[:, None] & ch_live[None, :])
 
@@ -136,16 +119,16 @@ def _backward_kernel(x_ref, off_ref, mask_ref, gout_ref, gx_init_ref,
     px, py = _positions(off_ref, q, live, p, cx, cy, geo, acc_dtype)
     m = plgpu.load(mask_ref.at[q, p], mask=live, other=0.0).astype(acc_dtype)
     g_mask = g_x = g_y = jnp.zeros((block_q,), acc_dtype)
-    for row, inside, weight, dwdx, dwdy in _corners(px, py, n, g, geo):
-      value = plgpu.load(x_ref.at[row[:, None], ch[None, :]],
-                         mask=(inside & live)[:, None] & ch_live[None, :], other=0.0)
+    for k in _corners(px, py, n, g, geo):
+      value = plgpu.load(x_ref.at[k.index[:, None], ch[None, :]],
+                         mask=(k.inside & live)[:, None] & ch_live[None, :], other=0.0)
       dot = jnp.sum(value.astype(acc_dtype) * gout, axis=1)
-      g_mask += weight * dot
-      g_x += dwdx * dot
-      g_y += dwdy * dot
+      g_mask += k.weight * dot
+      g_x += k.dweight_dx * dot
+      g_y += k.dweight_dy * dot
       # No mask on the atomic (interpret mode has none): dead lanes add zero.
-      update = jnp.where(both & inside[:, None], (m * weight)[:, None] * gout, 0.0)
-      plgpu.atomic_add(gx_ref, (row[:, None], ch[None, :]), update.astype(gx_ref.dtype))
+      update = jnp.where(both & k.inside[:, None], (m * k.weight)[:, None] * gout, 0.0)
+      plgpu.atomic_add(gx_ref, (k.index[:, None], ch[None, :]), update.astype(gx_ref.dtype))
     plgpu.store(gmask_ref.at[q, p], g_mask.astype(gmask_ref.dtype), mask=live)
     plgpu.store(goff_ref.at[q, 2 * p], (s * m * g_x).astype(goff_ref.dtype), mask=live)
     plgpu.store(goff_ref.at[q, 2 * p + 1], (s * m * g_y).astype(goff_ref.dtype), mask=live)
