@@ -1,0 +1,1 @@
+"""Training library: data, optimizer, sharding, the loop."""

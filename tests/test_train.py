@@ -1,0 +1,98 @@
+"""The main job: quickstart accuracy, kill-and-resume, sharded runs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--config", "configs/quickstart.py"]
+
+
+def _train(workdir, *overrides, devices: int = 1, check: bool = True):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  proc = subprocess.run([sys.executable, "train.py", *QUICK, "--workdir", str(workdir),
+                         *overrides], cwd=REPO, env=env, capture_output=True, text=True,
+                        check=False)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _metrics(workdir) -> list[dict]:
+  return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(workdir) -> dict[int, float]:
+  """Training loss per step; a resumed run's later lines win."""
+  return {m["step"]: m["train/loss"] for m in _metrics(workdir) if "train/loss" in m}
+
+
+def test_quickstart_learns_the_digits(tmp_path):
+  _train(tmp_path, "--config.train.epochs=3")
+  evals = [m for m in _metrics(tmp_path) if "eval/top1" in m]
+  assert evals and evals[-1]["eval/top1"] >= 0.95, evals
+  assert 0.0 <= evals[-1]["eval/top5"] <= 1.0
+  assert (tmp_path / "checkpoints" / str(evals[-1]["step"])).is_dir()
+
+
+STEPWISE = ["--config.train.epochs=2", "--config.log_every_steps=1",
+            "--config.eval_every_steps=1000", "--config.checkpoint.every_steps=10"]
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path):
+  reference = tmp_path / "reference"
+  _train(reference, *STEPWISE)
+  want = _losses(reference)
+
+  killed = tmp_path / "killed"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen([sys.executable, "train.py", *QUICK, "--workdir", str(killed),
+                           *STEPWISE], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  first = killed / "checkpoints" / "10"
+  deadline = time.time() + 300
+  while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert first.is_dir(), "the run never wrote its first checkpoint"
+  result = _train(killed, *STEPWISE)
+  assert "resumed from step" in result.stdout
+  got = _losses(killed)
+  assert sorted(got) == sorted(want)
+  for step, loss in want.items():
+    assert got[step] == pytest.approx(loss, rel=1e-6), step
+
+
+def test_eight_fake_devices_match_one(tmp_path):
+  overrides = ["--config.train.epochs=0.2", "--config.log_every_steps=1",
+               "--config.eval_every_steps=1000"]
+  _train(tmp_path / "one", *overrides)
+  _train(tmp_path / "eight", *overrides, "--config.mesh.data=2", "--config.mesh.fsdp=4",
+         devices=8)
+  one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+  assert sorted(one) == sorted(eight) and len(one) >= 3
+  for step in one:
+    assert eight[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+def test_bad_input_is_reported_clearly(tmp_path):
+  typo = _train(tmp_path / "a", "--config.train.globl_batch=8", check=False)
+  assert typo.returncode != 0 and "globl_batch" in typo.stderr
+  split = _train(tmp_path / "b", "--config.train.global_batch=63", "--config.mesh.data=2",
+                 devices=2, check=False)
+  assert split.returncode != 0 and "not divisible" in split.stderr
+  assert "Traceback" not in split.stderr
+  _train(tmp_path / "c", "--config.train.epochs=0.1", "--config.checkpoint.every_steps=1")
+  other = _train(tmp_path / "c", "--config.model.overrides.channels=8", check=False)
+  assert other.returncode != 0 and "does not fit this config" in other.stderr
+  assert "Traceback" not in other.stderr
