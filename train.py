@@ -6,6 +6,8 @@
 Re-running the same command resumes from the newest complete checkpoint in --workdir.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -25,7 +27,8 @@ def main(argv):
   try:
     Trainer(FLAGS.config, FLAGS.workdir).run()
   except TrainingError as e:
-    raise app.UsageError(str(e)) from None
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

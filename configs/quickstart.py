@@ -13,6 +13,8 @@ from ml_collections import ConfigDict
 def get_config(variant: str | None = None) -> ConfigDict:
   cfg = ConfigDict()
   cfg.seed = 0
+  cfg.mode = "train"  # or "eval": evaluate init_from (or the workdir's latest) and stop
+  cfg.init_from = ""  # official .pth / .safetensors / converted dir; a new head if classes differ
   cfg.model = ConfigDict(dict(
       name="internimage_t",
       overrides=ConfigDict(dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8),
@@ -21,7 +23,8 @@ def get_config(variant: str | None = None) -> ConfigDict:
   cfg.data = ConfigDict(dict(name="digits", image_size=32, test_fraction=0.2, split_seed=0))
   cfg.train = ConfigDict(dict(
       global_batch=64, epochs=10.0, lr=2e-3 * 512 / 64, warmup_lr=1e-5, min_lr=1e-5,
-      warmup_epochs=1, weight_decay=0.05, clip_grad=5.0, label_smoothing=0.1))
+      warmup_epochs=1, weight_decay=0.05, clip_grad=5.0, label_smoothing=0.1,
+      ema_decay=0.99))  # a short run: the recipes' 0.9999 would barely move
   cfg.mesh = ConfigDict(dict(data=-1, fsdp=1))
   cfg.checkpoint = ConfigDict(dict(every_steps=100, keep=2))
   cfg.log_every_steps = 10

@@ -41,7 +41,11 @@ def test_quickstart_learns_the_digits(tmp_path):
   evals = [m for m in _metrics(tmp_path) if "eval/top1" in m]
   assert evals and evals[-1]["eval/top1"] >= 0.95, evals
   assert 0.0 <= evals[-1]["eval/top5"] <= 1.0
+  assert 0.0 <= evals[-1]["eval_ema/top1"] <= 1.0  # the EMA weights are evaluated beside
+  trains = [m for m in _metrics(tmp_path) if "train/loss" in m]
+  assert all(m["train/lr"] > 0 and m["train/images_per_second"] > 0 for m in trains)
   assert (tmp_path / "checkpoints" / str(evals[-1]["step"])).is_dir()
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 STEPWISE = ["--config.train.epochs=2", "--config.log_every_steps=1",
@@ -96,3 +100,42 @@ def test_bad_input_is_reported_clearly(tmp_path):
   other = _train(tmp_path / "c", "--config.model.overrides.channels=8", check=False)
   assert other.returncode != 0 and "does not fit this config" in other.stderr
   assert "Traceback" not in other.stderr
+
+
+def test_init_from_official_weights_and_eval_mode(tmp_path):
+  """Evaluation of converted weights, and fine-tuning with a new head."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from helpers import load_golden, params_of, require_golden
+  from internimage_jax import convert, models
+  from internimage_jax.training.trainer import Trainer
+
+  pth = require_golden() / "model_mini_t.pth"  # the quickstart's architecture, 10 classes
+  result = _train(tmp_path / "eval", "--config.mode=eval", f"--config.init_from={pth}")
+  assert "eval: eval/top1" in result.stdout
+  assert not (tmp_path / "eval" / "checkpoints").exists() or not list(
+      (tmp_path / "eval" / "checkpoints").iterdir())
+
+  # A 1000-class checkpoint: everything but the head loads, the head stays fresh.
+  source = models.create("internimage_t", num_classes=1000, rngs=nnx.Rngs(3),
+                         channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
+  convert.load_state_dict(source, {k: v for k, v in params_of(load_golden("model_mini_t")).items()
+                                   if not k.startswith("head.")}, strict=False)
+  path = convert.save_safetensors(source, tmp_path / "in1k.safetensors")
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  cfg = quickstart.get_config()
+  cfg.init_from = str(path)
+  trainer = Trainer(cfg, tmp_path / "finetune")
+  state, rng_state = trainer.initial_state()
+  model = trainer._merge(jax.device_get(state), jax.device_get(rng_state))
+  got, want = convert.to_state_dict(model), convert.to_state_dict(source)
+  for key in want:
+    if key.startswith("head."):
+      assert got[key].shape[0] == 10
+    else:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)

@@ -33,16 +33,31 @@ class TrainingError(RuntimeError):
 
 
 class MetricsWriter:
-  """``metrics.jsonl`` in the workdir (one JSON object per line with ``step``)."""
+  """``metrics.jsonl`` (one JSON object per line with ``step``) and TensorBoard events
+  in the workdir, written by process 0."""
 
   def __init__(self, workdir: Path):
     self.path = workdir / "metrics.jsonl"
     self.enabled = jax.process_index() == 0
+    self.tensorboard = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, values: dict[str, float]) -> None:
-    if self.enabled:
-      with self.path.open("a") as f:
-        f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": int(step), **values}) + "\n")
+    for key, value in values.items():
+      self.tensorboard.add_scalar(key, value, int(step))
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+      self.tensorboard = None
 
 
 def _build_model(cfg: ConfigDict, num_classes: int, seed: int) -> models.InternImage:
@@ -57,7 +72,10 @@ class Trainer:
     self.cfg = cfg
     self.workdir = Path(workdir).absolute()
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    try:
+      self.mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    except ValueError as e:
+      raise TrainingError(f"config.mesh: {e}") from None
     batch = cfg.train.global_batch
     ways = sharding.batch_size_of(self.mesh)
     if batch % ways:
@@ -81,6 +99,8 @@ class Trainer:
       _, params, stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
       state = {"params": params, "batch_stats": stats, "opt_state": self.tx.init(params),
                "step": jnp.zeros((), jnp.int32)}
+      if cfg.train.ema_decay:
+        state["ema_params"] = jax.tree.map(jnp.copy, params)
       return state, rng_state
 
     abstract_state, abstract_rng = jax.eval_shape(init)
@@ -109,8 +129,8 @@ class Trainer:
     self.metrics = MetricsWriter(self.workdir)
 
   # ----------------------------------------------------------------- steps
-  def _merge(self, state, rng_state) -> models.InternImage:
-    return nnx.merge(self.graphdef, state["params"], state["batch_stats"], rng_state)
+  def _merge(self, state, rng_state, params_key: str = "params") -> models.InternImage:
+    return nnx.merge(self.graphdef, state[params_key], state["batch_stats"], rng_state)
 
   def _step(self, state, rng_state, images, labels):
     cfg = self.cfg.train
@@ -126,36 +146,62 @@ class Trainer:
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     params = nnx.state(model, nnx.Param)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates),
-                 "batch_stats": nnx.state(model, nnx.BatchStat),
+    new_params = optax.apply_updates(params, updates)
+    new_state = {"params": new_params, "batch_stats": nnx.state(model, nnx.BatchStat),
                  "opt_state": opt_state, "step": state["step"] + 1}
+    if "ema_params" in state:
+      decay = cfg.ema_decay
+      new_state["ema_params"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                                             state["ema_params"], new_params)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.lr(state["step"])}
     return new_state, metrics
 
   def _evaluate(self, state, rng_state, images, labels, valid):
-    model = self._merge(state, rng_state)
-    model.eval()
-    logits = model(images)
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    hit1 = (top5[:, 0] == labels) & valid
-    hit5 = jnp.any(top5 == labels[:, None], axis=-1) & valid
-    return {"top1": jnp.sum(hit1), "top5": jnp.sum(hit5), "count": jnp.sum(valid)}
+    """Hit counts of the raw weights and, when kept, of their EMA."""
+    out = {"count": jnp.sum(valid)}
+    for prefix, key in (("eval", "params"), ("eval_ema", "ema_params")):
+      if key not in state:
+        continue
+      model = self._merge(state, rng_state, key)
+      model.eval()
+      logits = model(images)
+      top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+      out[f"{prefix}/top1"] = jnp.sum((top5[:, 0] == labels) & valid)
+      out[f"{prefix}/top5"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) & valid)
+    return out
 
   def evaluate(self, state, rng_state) -> dict[str, float]:
+    """Top-1 / top-5 on the held-out split as fractions: ``eval/*`` and ``eval_ema/*``."""
     images, labels = self.data.test
     batch = self.cfg.train.global_batch
-    totals = {"top1": 0, "top5": 0, "count": 0}
+    totals: dict[str, int] = {}
     for x, y, valid in data_lib.eval_batches(images, labels, batch):
       out = self._eval_step(state, rng_state, *(sharding.global_batch(self.mesh, a)
                                                 for a in (x, y, valid)))
-      totals = {k: totals[k] + int(out[k]) for k in totals}
-    return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"]}
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0) + int(v)
+    count = totals.pop("count")
+    return {k: v / count for k, v in totals.items()}
 
   # ------------------------------------------------------------ checkpoints
+  def _check_compatible(self, step: int) -> None:
+    """Compares the stored array shapes with this config's state before restoring:
+    a failed orbax restore leaves background tasks behind, a clear error does not."""
+    with ocp.StandardCheckpointer() as reader:
+      stored = reader.metadata(self.workdir / "checkpoints" / str(step) / "state")
+    stored_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(stored.item_metadata))
+    wanted = sorted(tuple(a.shape) for a in jax.tree.leaves(self.abstract_state))
+    if stored_shapes != wanted:
+      raise TrainingError(
+          f"the checkpoint at step {step} in {self.workdir / 'checkpoints'} does not fit this "
+          f"config (it holds {len(stored_shapes)} arrays, this model and optimizer need "
+          f"{len(wanted)}, and their shapes differ); use a new --workdir or the old config")
+
   def _restore(self):
     step = self.checkpoints.latest_step()
     if step is None:
       return None
+    self._check_compatible(step)
     try:
       restored = self.checkpoints.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore()))
@@ -170,15 +216,67 @@ class Trainer:
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position.to_dict())),
         force=force)
 
+  # ------------------------------------------------------------------ init
+  def initial_state(self):
+    """Sharded fresh state, with ``config.init_from`` weights loaded when given.
+
+    A checkpoint whose head has another class count (fine-tuning) loads everything
+    but the head, which keeps its fresh initialisation; any other mismatch is an error.
+    """
+    state, rng_state = self._init()
+    if not self.cfg.init_from:
+      return state, rng_state
+    from internimage_jax import convert
+
+    model = self._merge(jax.device_get(state), jax.device_get(rng_state))
+    try:
+      report = convert.load_checkpoint(model, self.cfg.init_from, strict=False)
+    except (OSError, ValueError) as e:
+      raise TrainingError(f"config.init_from: {e}") from e
+    problems = [k for k in report.missing + report.unexpected
+                + [m.split(":")[0] for m in report.mismatched] if not k.startswith("head.")]
+    if problems:
+      raise TrainingError(f"config.init_from {self.cfg.init_from} does not fit the model: "
+                          + ", ".join(sorted(problems)[:20]))
+    if report.mismatched:
+      self._log(f"init_from: head re-initialised ({', '.join(report.mismatched)})")
+    state = dict(state, params=nnx.state(model, nnx.Param),
+                 batch_stats=nnx.state(model, nnx.BatchStat))
+    if "ema_params" in state:
+      state["ema_params"] = state["params"]
+    state["opt_state"] = self.tx.init(state["params"])
+    state = jax.device_put(state, self.state_shardings)
+    return state, rng_state
+
   # -------------------------------------------------------------------- run
   def run(self) -> dict[str, float]:
+    """Trains (or, with ``mode="eval"``, evaluates); returns the last evaluation."""
+    try:
+      return self._run()
+    finally:
+      self.close()
+
+  def close(self) -> None:
+    """Finishes pending checkpoint writes and closes the writers."""
+    self.checkpoints.wait_until_finished()
+    self.checkpoints.close()
+    self.metrics.close()
+
+  def _run(self) -> dict[str, float]:
     cfg = self.cfg
-    state, rng_state = self._init()
+    if cfg.mode not in ("train", "eval"):
+      raise TrainingError(f"config.mode must be 'train' or 'eval', got {cfg.mode!r}")
+    state, rng_state = self.initial_state()
     position = data_lib.IteratorState()
-    resumed = self._restore()
+    resumed = self._restore()  # the workdir's newest checkpoint wins over init_from
     if resumed is not None:
       state, position = resumed
       self._log(f"resumed from step {int(state['step'])} ({self.workdir / 'checkpoints'})")
+    if cfg.mode == "eval":
+      summary = self.evaluate(state, rng_state)
+      self.metrics.write(int(state["step"]), summary)
+      self._log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+      return summary
     start = int(state["step"])
     images, labels = self.data.train
     batches = data_lib.EpochIterator(images, labels, cfg.train.global_batch, cfg.seed, position)
@@ -200,15 +298,14 @@ class Trainer:
                                   "train/grad_norm": metrics["grad_norm"],
                                   "train/images_per_second": speed})
       if done % cfg.eval_every_steps == 0 or done == self.total_steps:
-        summary = {f"eval/{k}": v for k, v in self.evaluate(state, rng_state).items()}
+        summary = self.evaluate(state, rng_state)
         self.metrics.write(done, summary)
-        progress.note(f"step {done}: held-out top-1 {summary['eval/top1']:.4f}, "
-                      f"top-5 {summary['eval/top5']:.4f}")
+        progress.note(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
       self._save(done, state, batches.state, force=done == self.total_steps)
     self.checkpoints.wait_until_finished()
     progress.close()
     if not summary:  # nothing left to train (a finished run started again): report it
-      summary = {f"eval/{k}": v for k, v in self.evaluate(state, rng_state).items()}
+      summary = self.evaluate(state, rng_state)
     self._log("done: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     return summary
 
