@@ -139,3 +139,28 @@ def test_init_from_official_weights_and_eval_mode(tmp_path):
       assert got[key].shape[0] == 10
     else:
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_fsdp_really_shards_parameters_and_optimizer_state():
+  code = """
+import importlib.util, jax, numpy as np
+spec = importlib.util.spec_from_file_location("q", "configs/quickstart.py")
+q = importlib.util.module_from_spec(spec); spec.loader.exec_module(q)
+from internimage_jax.training.trainer import Trainer
+import tempfile
+cfg = q.get_config("fsdp")
+t = Trainer(cfg, tempfile.mkdtemp())
+state, _ = t.initial_state()
+t.close()
+def fraction(tree):
+    leaves = [a for a in jax.tree.leaves(tree) if a.ndim >= 2]
+    sharded = [a for a in leaves if a.addressable_shards[0].data.size * 8 == a.size]
+    return len(sharded) / len(leaves)
+print(fraction(state["params"]), fraction(state["opt_state"]))
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                        text=True, check=True)
+  params, opt = map(float, proc.stdout.split()[-2:])
+  # Every matrix with a dimension divisible by 8 is split eight ways (most of them).
+  assert params > 0.9 and opt > 0.9, (params, opt)
