@@ -88,21 +88,21 @@ class Trainer:
     self.steps_per_epoch = len(self.data.train[1]) // batch
     self.total_steps = int(cfg.train.epochs * self.steps_per_epoch)
 
-    # Shapes first, then the sharded init: nothing is allocated unsharded.
-    abstract = nnx.eval_shape(lambda: _build_model(cfg, num_classes, cfg.seed))
-    self.graphdef, _, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
     self.lr = optim.schedule(cfg.train, batch, self.total_steps, self.steps_per_epoch)
     self.tx = optim.make_optimizer(cfg.train, self.lr)
 
     def init():
       model = _build_model(cfg, num_classes, cfg.seed)
-      _, params, stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+      # The graph definition is static: the shape-only trace below records it, so the
+      # (for large models, slow) construction is traced once for shapes, once for init.
+      self.graphdef, params, stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
       state = {"params": params, "batch_stats": stats, "opt_state": self.tx.init(params),
                "step": jnp.zeros((), jnp.int32)}
       if cfg.train.ema_decay:
         state["ema_params"] = jax.tree.map(jnp.copy, params)
       return state, rng_state
 
+    # Shapes first, then the sharded init: nothing is allocated unsharded.
     abstract_state, abstract_rng = jax.eval_shape(init)
     self.state_shardings = sharding.state_shardings(abstract_state, self.mesh)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
