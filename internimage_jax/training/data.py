@@ -83,7 +83,11 @@ class EpochIterator:
     self.steps_per_epoch = len(labels) // global_batch
 
   def _order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
+    # Drawn once per epoch (not per batch): a full permutation is O(examples).
+    if getattr(self, "_cached_epoch", None) != epoch:
+      self._cached_order = np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
+      self._cached_epoch = epoch
+    return self._cached_order
 
   def __iter__(self):
     return self
