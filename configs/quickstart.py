@@ -9,28 +9,26 @@ Variants: ``configs/quickstart.py:fsdp`` shards parameters over all devices.
 
 from ml_collections import ConfigDict
 
+from internimage_jax.training.config import base_config
+
 
 def get_config(variant: str | None = None) -> ConfigDict:
-  cfg = ConfigDict()
-  cfg.seed = 0
-  cfg.mode = "train"  # or "eval": evaluate init_from (or the workdir's latest) and stop
-  cfg.init_from = ""  # official .pth / .safetensors / converted dir; a new head if classes differ
-  cfg.model = ConfigDict(dict(
-      name="internimage_t",
-      overrides=ConfigDict(dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8),
-                                drop_path_rate=0.05)),
-  ))
-  cfg.data = ConfigDict(dict(name="digits", image_size=32, test_fraction=0.2, split_seed=0))
-  cfg.train = ConfigDict(dict(
-      global_batch=64, epochs=10.0, lr=2e-3 * 512 / 64, warmup_lr=1e-5, min_lr=1e-5,
-      warmup_epochs=1, weight_decay=0.05, clip_grad=5.0, label_smoothing=0.1,
-      ema_decay=0.99))  # a short run: the recipes' 0.9999 would barely move
-  cfg.mesh = ConfigDict(dict(data=-1, fsdp=1))
-  cfg.checkpoint = ConfigDict(dict(every_steps=100, keep=2))
+  cfg = base_config()
+  cfg.model.name = "internimage_t"
+  cfg.model.overrides = ConfigDict(dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8),
+                                        drop_path_rate=0.05))
+  cfg.data.update(source="digits", name="", image_size=32, threads=2)
+  # Digits are centred and not mirror-symmetric: no crops, flips or mixing.
+  cfg.aug.update(random_resized_crop=False, hflip=0.0, randaugment="", reprob=0.0,
+                 mixup=0.0, cutmix=0.0)
+  cfg.train.update(global_batch=64, epochs=10.0, lr=2e-3 * 512 / 64, warmup_lr=1e-5,
+                   min_lr=1e-5, warmup_epochs=1.0,
+                   ema_decay=0.99)  # a short run: the recipes' 0.9999 would barely move
+  cfg.checkpoint.update(every_steps=100, keep=2)
   cfg.log_every_steps = 10
   cfg.eval_every_steps = 200
   if variant == "fsdp":
-    cfg.mesh = ConfigDict(dict(data=1, fsdp=-1))
+    cfg.mesh.update(data=1, fsdp=-1)
   elif variant not in (None, ""):
     raise ValueError(f"unknown quickstart variant {variant!r}; choose '' or 'fsdp'")
   return cfg

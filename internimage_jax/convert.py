@@ -87,6 +87,12 @@ def _torch_path(root: nnx.Module, path: tuple[Any, ...]) -> str:
   return ".".join(parts)
 
 
+def official_names(module: nnx.Module) -> dict[tuple[Any, ...], str]:
+  """nnx path of every parameter -> its name in the official PyTorch state dict."""
+  return {path: _torch_path(module, path) for path, node in nnx.iter_graph(module)
+          if isinstance(node, nnx.Param)}
+
+
 def _slots(module: nnx.Module) -> dict[str, _Slot]:
   slots = {}
   for path, node in nnx.iter_graph(module):

@@ -48,16 +48,9 @@ def load_image(path: str | Path) -> Image.Image:
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:
   """The evaluation transform: ``[size, size, 3]`` float32, normalised."""
-  w, h = image.size
-  # torchvision's Resize(int): the shorter side becomes `size`, the longer truncates.
-  if w <= h:
-    new_w, new_h = size, int(size * h / w)
-  else:
-    new_w, new_h = int(size * w / h), size
-  image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-  left, top = (new_w - size) // 2, (new_h - size) // 2
-  image = image.crop((left, top, left + size, top + size))
-  array = np.asarray(image, np.float32) / 255.0
+  from internimage_jax.training.augment import eval_resize_crop
+
+  array = np.asarray(eval_resize_crop(image, size), np.float32) / 255.0
   return (array - IMAGENET_MEAN) / IMAGENET_STD
 
 

@@ -7,10 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import importlib.util
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--config", "configs/quickstart.py"]
@@ -132,7 +135,7 @@ def test_init_from_official_weights_and_eval_mode(tmp_path):
   cfg.init_from = str(path)
   trainer = Trainer(cfg, tmp_path / "finetune")
   state, rng_state = trainer.initial_state()
-  model = trainer._merge(jax.device_get(state), jax.device_get(rng_state))
+  model = trainer.program.merge(jax.device_get(state), jax.device_get(rng_state))
   got, want = convert.to_state_dict(model), convert.to_state_dict(source)
   for key in want:
     if key.startswith("head."):
@@ -164,3 +167,122 @@ print(fraction(state["params"]), fraction(state["opt_state"]))
   params, opt = map(float, proc.stdout.split()[-2:])
   # Every matrix with a dimension divisible by 8 is split eight ways (most of them).
   assert params > 0.9 and opt > 0.9, (params, opt)
+
+
+def test_two_processes_match_one(tmp_path):
+  """jax.distributed on localhost: 2 processes x 2 devices = 1 process x 4 devices."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  overrides = ["--config.train.epochs=0.15", "--config.log_every_steps=1",
+               "--config.eval_every_steps=1000"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen(
+      [sys.executable, "train.py", *QUICK, "--workdir", str(tmp_path / "two"), *overrides,
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "done:" in outputs[0][0] and "done:" not in outputs[1][0]  # process 0 reports
+  _train(tmp_path / "one", *overrides, devices=4)
+  one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+  assert sorted(one) == sorted(two) and len(one) >= 3
+  for step in one:
+    assert two[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+def _image_folder(root, classes=3, per_class=8):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", per_class), ("val", 3)):
+    for c in range(classes):
+      folder = root / split / f"class_{c}"
+      folder.mkdir(parents=True)
+      for i in range(n):  # class c: a bright square in quadrant c, on noise
+        pixels = rng.integers(0, 60, (40 + i, 48, 3), dtype=np.uint8)
+        top, left = divmod(c, 2)
+        pixels[top * 20:top * 20 + 20, left * 24:left * 24 + 24] += 150
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+  (root / "train" / "class_1" / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
+  return root
+
+
+IMAGENET_STYLE = [
+    "--config.data.source=folder", "--config.data.train_split=train",
+    "--config.data.eval_split=val", "--config.data.image_size=32", "--config.data.threads=2",
+    "--config.aug.random_resized_crop=True", "--config.aug.hflip=0.5",
+    "--config.aug.randaugment=rand-m9-mstd0.5-inc1", "--config.aug.reprob=0.25",
+    "--config.aug.mixup=0.8", "--config.aug.cutmix=1.0", "--config.train.global_batch=8",
+    "--config.train.epochs=2", "--config.log_every_steps=1", "--config.eval_every_steps=3",
+    "--config.checkpoint.every_steps=3"]
+
+
+def test_image_folder_run_with_the_full_recipe(tmp_path):
+  """Image folder, all augmentations, bf16 compute, gradient accumulation, an unreadable
+  image skipped and counted; then an eval-only run of the result."""
+  root = _image_folder(tmp_path / "images")
+  result = _train(tmp_path / "run", *IMAGENET_STYLE, f"--config.data.dir={root}",
+                  "--config.train.compute_dtype=bfloat16", "--config.train.accum_steps=2")
+  # 6 batches of 8 (48 images) from epochs of 25 files: the corrupt one is met twice.
+  assert "skipped 2 unreadable training images" in result.stdout, result.stdout
+  trains = [m for m in _metrics(tmp_path / "run") if "train/loss" in m]
+  assert len(trains) == 2 * (25 // 8)
+  assert all(np.isfinite(m["train/loss"]) for m in trains)
+  assert trains[-1]["train/skipped_images"] >= 1
+  evals = [m for m in _metrics(tmp_path / "run") if "eval/top1" in m]
+  assert evals and all(0 <= m["eval/top1"] <= 1 for m in evals)
+  again = _train(tmp_path / "run", *IMAGENET_STYLE, f"--config.data.dir={root}",
+                 "--config.train.compute_dtype=bfloat16", "--config.train.accum_steps=2",
+                 "--config.mode=eval")
+  assert "resumed from step 6" in again.stdout and "eval: eval/top1" in again.stdout
+
+
+def test_data_errors_are_reported_clearly(tmp_path):
+  missing = _train(tmp_path / "a", *IMAGENET_STYLE, f"--config.data.dir={tmp_path / 'nowhere'}",
+                   check=False)
+  assert missing.returncode != 0 and "does not exist" in missing.stderr
+  (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+  (tmp_path / "empty" / "val" / "cat").mkdir(parents=True)
+  empty = _train(tmp_path / "b", *IMAGENET_STYLE, f"--config.data.dir={tmp_path / 'empty'}",
+                 check=False)
+  assert empty.returncode != 0 and "holds no images" in empty.stderr
+  tfds = _train(tmp_path / "c", "--config.data.source=tfds", "--config.data.name=no_such_set",
+                f"--config.data.dir={tmp_path}", check=False)
+  assert tfds.returncode != 0 and "'no_such_set'" in tfds.stderr
+  for proc in (missing, empty, tfds):
+    assert "Traceback" not in proc.stderr
+
+
+def test_gradient_accumulation_averages_micro_batches(tmp_path):
+  """accum_steps=2 on a batch of 16 = the mean of two batches of 8 (every other example)."""
+  import jax
+  import numpy as np
+
+  from internimage_jax.training.trainer import TrainProgram
+
+  spec = importlib.util.spec_from_file_location("q", REPO / "configs" / "quickstart.py")
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+
+  def program(batch, accum):
+    cfg = quickstart.get_config()
+    cfg.model.overrides.drop_path_rate = 0.0
+    cfg.train.update(global_batch=batch, accum_steps=accum, label_smoothing=0.0)
+    return TrainProgram(cfg, num_classes=10, steps_per_epoch=10)
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 16).astype(np.int32)
+  whole = program(16, 2)
+  state, rngs = whole.init()
+  _, metrics = whole.train_step(state, rngs, images, labels)
+  half = program(8, 1)
+  losses = []
+  for start in (0, 1):
+    state, rngs = half.init()
+    _, m = half.train_step(state, rngs, images[start::2], labels[start::2])
+    losses.append(float(m["loss"]))
+  assert float(metrics["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)

@@ -1,10 +1,17 @@
-"""The original recipe's optimizer: AdamW, clipping, warmup + cosine, per-512 LR scaling."""
+"""The original recipe's optimizer: AdamW, clipping, warmup + cosine, per-512 LR scaling,
+layer-wise LR decay and the deformable-offset LR multiplier."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import optax
+from flax import nnx
 from ml_collections import ConfigDict
+
+# Parameters whose LR gets ``dcn_lr_mul`` (matched in the official names, as the original).
+DCN_LR_KEYWORDS = ("offset", "center_feature_scale_proj")
 
 
 def scaled_lr(lr: float, global_batch: int) -> float:
@@ -30,9 +37,65 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(cfg: ConfigDict, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.clip_by_global_norm(cfg.clip_grad),
-      optax.adamw(lr_schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
-                  mask=decay_mask),
-  )
+def layer_decay_ratios(depths: Sequence[int], ratio: float) -> dict[str, float]:
+  """Official-name prefix -> LR ratio, in the original's matching order: blocks counted
+  from the last one backwards; the stem with the first block; each downsample and level
+  norm with the next level's first block. Names matching none keep ratio 1."""
+  ratios: dict[str, float] = {}
+  power = 0
+  for level in reversed(range(len(depths))):
+    for block in reversed(range(depths[level])):
+      ratios[f"levels.{level}.blocks.{block}."] = ratio ** power
+      power += 1
+  ratios["patch_embed"] = ratios["levels.0.blocks.0."]
+  for level in range(len(depths) - 1):
+    ratios[f"levels.{level}.downsample"] = ratios[f"levels.{level + 1}.blocks.0."]
+    ratios[f"levels.{level}.norm"] = ratios[f"levels.{level + 1}.blocks.0."]
+  return ratios
+
+
+def lr_multiplier(name: str, ratios: dict[str, float], dcn_lr_mul: float) -> float:
+  """The LR multiplier of the parameter with official name ``name``."""
+  scale = next((r for prefix, r in ratios.items() if prefix in name), 1.0)
+  if any(k in name for k in DCN_LR_KEYWORDS):
+    scale *= dcn_lr_mul
+  return scale
+
+
+def lr_multipliers(model: nnx.Module, cfg: ConfigDict):
+  """A tree like ``nnx.state(model, nnx.Param)`` of per-parameter LR multipliers, or
+  ``None`` when all are 1."""
+  if not cfg.layer_decay and cfg.dcn_lr_mul == 1.0:
+    return None
+  from internimage_jax.convert import official_names
+
+  ratios = layer_decay_ratios(model.depths, cfg.layer_decay) if cfg.layer_decay else {}
+  names = official_names(model)
+  # Same tree structure as the parameters (Variables included), with floats as values.
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  return nnx.from_flat_state(
+      [(path, var.replace(lr_multiplier(names[path], ratios, cfg.dcn_lr_mul)))
+       for path, var in flat])
+
+
+def scale_by_tree(multipliers) -> optax.GradientTransformation:
+  """Multiplies each update by a fixed per-parameter factor (LR groups without copies
+  of the optimizer state, unlike ``optax.multi_transform``)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: ConfigDict, lr_schedule: optax.Schedule,
+                   multipliers=None) -> optax.GradientTransformation:
+  """Clip at the global norm, then AdamW; per-parameter LR multipliers scale the whole
+  step (weight decay included), like the original's per-parameter LR groups."""
+  parts = [optax.clip_by_global_norm(cfg.clip_grad),
+           optax.adamw(lr_schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
+                       mask=decay_mask)]
+  if multipliers is not None:
+    parts.append(scale_by_tree(multipliers))
+  return optax.chain(*parts)

@@ -1,10 +1,13 @@
 """The training loop: sharded init and step, evaluation, checkpoints, metrics.
 
-State layout: ``{"params", "batch_stats", "opt_state", "step"}``, placed by the FSDP
-rule over the mesh (``sharding.py``). The step is ``jax.jit`` with explicit in/out
-shardings and the state donated. Randomness (drop path) is reseeded from
-``(seed, step)`` inside the step, so a resumed run draws exactly what an
-uninterrupted one would; the data iterator's position is saved with the state.
+``TrainProgram`` is everything that depends only on the config (model, optimizer, mesh,
+sharded state, the jitted train and eval steps); ``Trainer`` adds data, checkpoints and
+metrics. State layout: ``{"params", "batch_stats", "opt_state", "step"[, "ema_params"]}``,
+placed by the FSDP rule over the mesh (``sharding.py``). The step is ``jax.jit`` with
+explicit in/out shardings and the state donated. All randomness of a step (drop path,
+random erasing, mixup/cutmix) comes from ``(seed, step)``, and host augmentation from
+``(seed, example position)``, so a resumed run draws exactly what an uninterrupted one
+would; the data iterator's position is saved with the state.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from internimage_jax import models
-from internimage_jax.training import data as data_lib
-from internimage_jax.training import optim, sharding
+from internimage_jax.training import augment, batch_augment, optim, pipeline, sharding, sources
+from internimage_jax.training import config as config_lib
 
 
 class TrainingError(RuntimeError):
@@ -60,39 +63,39 @@ class MetricsWriter:
       self.tensorboard = None
 
 
-def _build_model(cfg: ConfigDict, num_classes: int, seed: int) -> models.InternImage:
-  return models.create(cfg.model.name, num_classes=num_classes, rngs=nnx.Rngs(seed),
-                       **cfg.model.overrides.to_dict())
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class Trainer:
-  """Builds everything from a config; ``run()`` trains with periodic evaluation."""
+class TrainProgram:
+  """Model, optimizer, mesh, sharded state and the jitted steps of a config (no data).
 
-  def __init__(self, cfg: ConfigDict, workdir: str | Path):
-    self.cfg = cfg
-    self.workdir = Path(workdir).absolute()
-    self.workdir.mkdir(parents=True, exist_ok=True)
+  ``abstract_state`` and ``batch_spec`` let a step be lowered and compiled without
+  allocating anything: ``program.train_step.lower(*program.abstract_inputs(b)).compile()``.
+  """
+
+  def __init__(self, cfg: ConfigDict, num_classes: int, steps_per_epoch: int,
+               mean=sources.IMAGENET_MEAN, std=sources.IMAGENET_STD):
     try:
+      config_lib.validate(cfg)
       self.mesh = sharding.make_mesh(cfg.mesh.to_dict())
     except ValueError as e:
-      raise TrainingError(f"config.mesh: {e}") from None
+      raise TrainingError(str(e) if "config" in str(e) else f"config.mesh: {e}") from None
+    self.cfg, self.num_classes = cfg, num_classes
+    self.mean, self.std = tuple(mean), tuple(std)
     batch = cfg.train.global_batch
     ways = sharding.batch_size_of(self.mesh)
     if batch % ways:
       raise TrainingError(f"global batch {batch} is not divisible by the {ways}-way "
                           f"data-parallel split of mesh {dict(self.mesh.shape)}")
-    if cfg.data.name != "digits":
-      raise TrainingError(f"unknown data set {cfg.data.name!r} (this version has 'digits')")
-    self.data = data_lib.DigitsData(cfg.data.image_size, cfg.data.test_fraction, cfg.data.split_seed)
-    num_classes = self.data.num_classes
-    self.steps_per_epoch = len(self.data.train[1]) // batch
+    self.steps_per_epoch = max(1, steps_per_epoch)
     self.total_steps = int(cfg.train.epochs * self.steps_per_epoch)
-
     self.lr = optim.schedule(cfg.train, batch, self.total_steps, self.steps_per_epoch)
-    self.tx = optim.make_optimizer(cfg.train, self.lr)
+    self.tx: optax.GradientTransformation | None = None
 
     def init():
-      model = _build_model(cfg, num_classes, cfg.seed)
+      model = self.build_model()
+      if self.tx is None:  # the LR multipliers need the parameter names: set on first trace
+        self.tx = optim.make_optimizer(cfg.train, self.lr, optim.lr_multipliers(model, cfg.train))
       # The graph definition is static: the shape-only trace below records it, so the
       # (for large models, slow) construction is traced once for shapes, once for init.
       self.graphdef, params, stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
@@ -103,85 +106,183 @@ class Trainer:
       return state, rng_state
 
     # Shapes first, then the sharded init: nothing is allocated unsharded.
-    abstract_state, abstract_rng = jax.eval_shape(init)
+    try:
+      abstract_state, abstract_rng = jax.eval_shape(init)
+    except TypeError as e:  # an unknown model option in config.model.overrides
+      raise TrainingError(f"config.model: {e}") from None
     self.state_shardings = sharding.state_shardings(abstract_state, self.mesh)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    rng_shardings = jax.tree.map(lambda _: replicated, abstract_rng)
-    self._init = jax.jit(init, out_shardings=(self.state_shardings, rng_shardings))
+    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.rng_shardings = jax.tree.map(lambda _: self.replicated, abstract_rng)
+    self.init = jax.jit(init, out_shardings=(self.state_shardings, self.rng_shardings))
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, self.state_shardings)
-    batch_sharding = sharding.batch_sharding(self.mesh)
-    self._train_step = jax.jit(
-        self._step, in_shardings=(self.state_shardings, rng_shardings, batch_sharding,
-                                  batch_sharding),
-        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-    self._eval_step = jax.jit(
-        self._evaluate, in_shardings=(self.state_shardings, rng_shardings, batch_sharding,
-                                      batch_sharding, batch_sharding),
-        out_shardings=replicated)
+    self.abstract_rng = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), abstract_rng)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.train_step = jax.jit(
+        self._step, in_shardings=(self.state_shardings, self.rng_shardings,
+                                  self.batch_sharding, self.batch_sharding),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    self.eval_step = jax.jit(
+        self._evaluate, in_shardings=(self.state_shardings, self.rng_shardings)
+        + (self.batch_sharding,) * 4, out_shardings=self.replicated)
 
-    self.checkpoints = ocp.CheckpointManager(
-        self.workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.checkpoint.keep, save_interval_steps=cfg.checkpoint.every_steps,
-            enable_async_checkpointing=True))
-    self.metrics = MetricsWriter(self.workdir)
+  def build_model(self, seed: int | None = None) -> models.InternImage:
+    cfg = self.cfg
+    return models.create(cfg.model.name, num_classes=self.num_classes,
+                         rngs=nnx.Rngs(cfg.seed if seed is None else seed),
+                         dtype=COMPUTE_DTYPES[cfg.train.compute_dtype],
+                         **cfg.model.overrides.to_dict())
+
+  def abstract_inputs(self, batch: int | None = None):
+    """Shape-only ``(state, rng_state, images, labels)`` for lowering the train step."""
+    batch = batch or self.cfg.train.global_batch
+    size = self.cfg.data.image_size
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=self.batch_sharding)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=self.batch_sharding)
+    return self.abstract_state, self.abstract_rng, images, labels
+
+  def merge(self, state, rng_state, params_key: str = "params") -> models.InternImage:
+    return nnx.merge(self.graphdef, state[params_key], state["batch_stats"], rng_state)
 
   # ----------------------------------------------------------------- steps
-  def _merge(self, state, rng_state, params_key: str = "params") -> models.InternImage:
-    return nnx.merge(self.graphdef, state[params_key], state["batch_stats"], rng_state)
+  def _augment(self, key, images, labels):
+    """Normalise, random erasing, mixup / cutmix -> (images, soft targets)."""
+    aug, train = self.cfg.aug, self.cfg.train
+    erase_key, mix_key = jax.random.split(key)
+    x = batch_augment.normalize(images, self.mean, self.std)
+    if aug.reprob:
+      x = batch_augment.random_erasing(erase_key, x, aug.reprob)
+    return batch_augment.mixup_cutmix(
+        mix_key, x, labels, self.num_classes, mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix,
+        prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
+        label_smoothing=train.label_smoothing)
 
   def _step(self, state, rng_state, images, labels):
     cfg = self.cfg.train
-    model = self._merge(state, rng_state)
-    nnx.reseed(model, dropout=jax.random.fold_in(jax.random.key(self.cfg.seed), state["step"]))
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed), state["step"])
+    aug_key, drop_key = jax.random.split(key)
+    x, targets = self._augment(aug_key, images, labels)
+    model = self.merge(state, rng_state)
+    nnx.reseed(model, dropout=drop_key)
     model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_fn(model):
-      logits = model(images).astype(jnp.float32)
-      targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), cfg.label_smoothing)
-      return optax.softmax_cross_entropy(logits, targets).mean()
+    def loss_fn(params, rest, x, targets):
+      # Fresh Variables (copy=True) that belong to this trace, so the RNG counts can move.
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      logits = model(x).astype(jnp.float32)
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+      return loss, nnx.state(model, nnx.Not(nnx.Param))  # new batch stats and RNG counts
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    params = nnx.state(model, nnx.Param)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if cfg.accum_steps == 1:
+      (loss, rest), grads = grad_fn(params, rest, x, targets)
+    else:
+      # Micro-batch i takes every accum_steps-th example: each device keeps its own
+      # examples (the batch is sharded in contiguous blocks), so no data moves.
+      def micro(a):
+        a = a.reshape(a.shape[0] // cfg.accum_steps, cfg.accum_steps, *a.shape[1:])
+        return jnp.moveaxis(a, 1, 0)
+
+      def body(carry, batch):
+        grads_sum, loss_sum, rest = carry
+        (loss, rest), grads = grad_fn(params, rest, *batch)
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, rest), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, loss, rest), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), rest),
+                                           (micro(x), micro(targets)))
+      grads = jax.tree.map(lambda g: g / cfg.accum_steps, grads)
+      loss = loss / cfg.accum_steps
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    new_state = {"params": new_params, "batch_stats": nnx.state(model, nnx.BatchStat),
+    batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                               nnx.state(nnx.merge(graphdef, params, rest), nnx.BatchStat),
+                               state["batch_stats"])
+    new_state = {"params": new_params, "batch_stats": batch_stats,
                  "opt_state": opt_state, "step": state["step"] + 1}
     if "ema_params" in state:
       decay = cfg.ema_decay
       new_state["ema_params"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                                              state["ema_params"], new_params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.lr(state["step"])}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.lr(state["step"])}
     return new_state, metrics
 
-  def _evaluate(self, state, rng_state, images, labels, valid):
+  def _evaluate(self, state, rng_state, images, labels, valid, unreadable):
     """Hit counts of the raw weights and, when kept, of their EMA."""
-    out = {"count": jnp.sum(valid)}
+    x = batch_augment.normalize(images, self.mean, self.std)
+    out = {"count": jnp.sum(valid), "unreadable": jnp.sum(unreadable)}
     for prefix, key in (("eval", "params"), ("eval_ema", "ema_params")):
       if key not in state:
         continue
-      model = self._merge(state, rng_state, key)
+      model = self.merge(state, rng_state, key)
       model.eval()
-      logits = model(images)
+      logits = model(x).astype(jnp.float32)
       top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
       out[f"{prefix}/top1"] = jnp.sum((top5[:, 0] == labels) & valid)
       out[f"{prefix}/top5"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) & valid)
     return out
 
+
+class Trainer:
+  """Builds everything from a config; ``run()`` trains with periodic evaluation."""
+
+  def __init__(self, cfg: ConfigDict, workdir: str | Path):
+    self.cfg = cfg
+    self.workdir = Path(workdir).absolute()
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+      config_lib.validate(cfg)
+      self.train_source = sources.make_source(cfg.data, "train") if cfg.mode == "train" else None
+      self.eval_source = sources.make_source(cfg.data, "eval")
+    except (ValueError, ImportError) as e:
+      raise TrainingError(str(e)) from None
+    data = self.eval_source
+    batch = cfg.train.global_batch
+    steps_per_epoch = len(self.train_source) // batch if self.train_source else 1
+    if self.train_source is not None and steps_per_epoch == 0:
+      raise TrainingError(f"global batch {batch} exceeds the {len(self.train_source)} "
+                          "training examples")
+    self.program = TrainProgram(cfg, data.num_classes, steps_per_epoch, data.mean, data.std)
+    self.steps_per_epoch, self.total_steps = self.program.steps_per_epoch, self.program.total_steps
+    size, aug = cfg.data.image_size, cfg.aug
+    self.train_transform = augment.TrainTransform(
+        size=size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+        randaugment=aug.randaugment, random_resized_crop=aug.random_resized_crop)
+    self.eval_transform = augment.EvalTransform(size=size)
+    every = cfg.checkpoint.every_steps or self.steps_per_epoch
+    self.eval_every = cfg.eval_every_steps or self.steps_per_epoch
+    self.checkpoints = ocp.CheckpointManager(
+        self.workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.checkpoint.keep, save_interval_steps=every,
+            enable_async_checkpointing=True))
+    self.metrics = MetricsWriter(self.workdir)
+    self._batches: pipeline.TrainIterator | None = None
+
+  # ------------------------------------------------------------ evaluation
   def evaluate(self, state, rng_state) -> dict[str, float]:
-    """Top-1 / top-5 on the held-out split as fractions: ``eval/*`` and ``eval_ema/*``."""
-    images, labels = self.data.test
-    batch = self.cfg.train.global_batch
+    """Top-1 / top-5 on the evaluation split as fractions: ``eval/*`` and ``eval_ema/*``."""
+    batch = self.cfg.data.eval_batch or self.cfg.train.global_batch
     totals: dict[str, int] = {}
-    for x, y, valid in data_lib.eval_batches(images, labels, batch):
-      out = self._eval_step(state, rng_state, *(sharding.global_batch(self.mesh, a)
-                                                for a in (x, y, valid)))
+    for local in pipeline.eval_batches(
+        self.eval_source, self.eval_transform, image_size=self.cfg.data.image_size,
+        global_batch=batch, process=jax.process_index(), processes=jax.process_count(),
+        threads=self.cfg.data.threads):
+      arrays = [sharding.global_batch(self.program.mesh, local[k])
+                for k in ("image", "label", "valid", "unreadable")]
+      out = self.program.eval_step(state, rng_state, *arrays)
       for k, v in out.items():
         totals[k] = totals.get(k, 0) + int(v)
-    count = totals.pop("count")
-    return {k: v / count for k, v in totals.items()}
+    count, unreadable = totals.pop("count"), totals.pop("unreadable")
+    if count == 0:
+      raise TrainingError("no evaluation image could be read")
+    result = {k: v / count for k, v in totals.items()}
+    if unreadable:
+      result["eval/unreadable_images"] = unreadable
+    return result
 
   # ------------------------------------------------------------ checkpoints
   def _check_compatible(self, step: int) -> None:
@@ -190,7 +291,7 @@ class Trainer:
     with ocp.StandardCheckpointer() as reader:
       stored = reader.metadata(self.workdir / "checkpoints" / str(step) / "state")
     stored_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(stored.item_metadata))
-    wanted = sorted(tuple(a.shape) for a in jax.tree.leaves(self.abstract_state))
+    wanted = sorted(tuple(a.shape) for a in jax.tree.leaves(self.program.abstract_state))
     if stored_shapes != wanted:
       raise TrainingError(
           f"the checkpoint at step {step} in {self.workdir / 'checkpoints'} does not fit this "
@@ -204,17 +305,17 @@ class Trainer:
     self._check_compatible(step)
     try:
       restored = self.checkpoints.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(self.program.abstract_state),
+          data=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
       raise TrainingError(
           f"the checkpoint at step {step} in {self.workdir / 'checkpoints'} does not fit this "
           f"config (a different model or optimizer?); use a new --workdir. ({e})") from e
-    return restored["state"], data_lib.IteratorState.from_dict(restored["data"])
+    return restored["state"], restored["data"]
 
-  def _save(self, step: int, state, position: data_lib.IteratorState, force: bool = False):
+  def _save(self, step: int, state, position: dict, force: bool = False):
     self.checkpoints.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position.to_dict())),
-        force=force)
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position)), force=force)
 
   # ------------------------------------------------------------------ init
   def initial_state(self):
@@ -223,12 +324,13 @@ class Trainer:
     A checkpoint whose head has another class count (fine-tuning) loads everything
     but the head, which keeps its fresh initialisation; any other mismatch is an error.
     """
-    state, rng_state = self._init()
+    program = self.program
+    state, rng_state = program.init()
     if not self.cfg.init_from:
       return state, rng_state
     from internimage_jax import convert
 
-    model = self._merge(jax.device_get(state), jax.device_get(rng_state))
+    model = program.merge(jax.device_get(state), jax.device_get(rng_state))
     try:
       report = convert.load_checkpoint(model, self.cfg.init_from, strict=False)
     except (OSError, ValueError) as e:
@@ -244,8 +346,8 @@ class Trainer:
                  batch_stats=nnx.state(model, nnx.BatchStat))
     if "ema_params" in state:
       state["ema_params"] = state["params"]
-    state["opt_state"] = self.tx.init(state["params"])
-    state = jax.device_put(state, self.state_shardings)
+    state["opt_state"] = program.tx.init(state["params"])
+    state = jax.device_put(state, program.state_shardings)
     return state, rng_state
 
   # -------------------------------------------------------------------- run
@@ -257,17 +359,17 @@ class Trainer:
       self.close()
 
   def close(self) -> None:
-    """Finishes pending checkpoint writes and closes the writers."""
+    """Finishes pending checkpoint writes, stops the input threads, closes the writers."""
+    if self._batches is not None:
+      self._batches.close()
     self.checkpoints.wait_until_finished()
     self.checkpoints.close()
     self.metrics.close()
 
   def _run(self) -> dict[str, float]:
     cfg = self.cfg
-    if cfg.mode not in ("train", "eval"):
-      raise TrainingError(f"config.mode must be 'train' or 'eval', got {cfg.mode!r}")
     state, rng_state = self.initial_state()
-    position = data_lib.IteratorState()
+    position = None
     resumed = self._restore()  # the workdir's newest checkpoint wins over init_from
     if resumed is not None:
       state, position = resumed
@@ -278,14 +380,24 @@ class Trainer:
       self._log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
       return summary
     start = int(state["step"])
-    images, labels = self.data.train
-    batches = data_lib.EpochIterator(images, labels, cfg.train.global_batch, cfg.seed, position)
+    mesh = self.program.mesh
+    try:
+      self._batches = pipeline.TrainIterator(
+          self.train_source, self.train_transform, image_size=cfg.data.image_size,
+          global_batch=cfg.train.global_batch, seed=cfg.seed, process=jax.process_index(),
+          processes=jax.process_count(), threads=cfg.data.threads, prefetch=cfg.data.prefetch,
+          state=position)
+    except ValueError as e:
+      raise TrainingError(str(e)) from None
     progress = _Progress(self.total_steps, start, self.steps_per_epoch, cfg.train.global_batch)
-    summary = {}
+    summary: dict[str, float] = {}
+    best: tuple[float, int] | None = None
+    started = time.perf_counter()
     for step in range(start, self.total_steps):
-      x, y = next(batches)
-      state, metrics = self._train_step(state, rng_state, sharding.global_batch(self.mesh, x),
-                                        sharding.global_batch(self.mesh, y))
+      batch = next(self._batches)
+      state, metrics = self.program.train_step(
+          state, rng_state, sharding.global_batch(mesh, batch["image"]),
+          sharding.global_batch(mesh, batch["label"]))
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
         self.checkpoints.wait_until_finished()
@@ -296,18 +408,38 @@ class Trainer:
       if done % cfg.log_every_steps == 0 or done == self.total_steps:
         self.metrics.write(done, {"train/loss": loss, "train/lr": metrics["lr"],
                                   "train/grad_norm": metrics["grad_norm"],
-                                  "train/images_per_second": speed})
-      if done % cfg.eval_every_steps == 0 or done == self.total_steps:
+                                  "train/images_per_second": speed,
+                                  "train/skipped_images": self._batches.skipped})
+      if done % self.eval_every == 0 or done == self.total_steps:
         summary = self.evaluate(state, rng_state)
         self.metrics.write(done, summary)
         progress.note(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-      self._save(done, state, batches.state, force=done == self.total_steps)
+        if best is None or summary["eval/top1"] > best[0]:
+          best = (summary["eval/top1"], done)
+      self._save(done, state, self._batches.state(), force=done == self.total_steps)
     self.checkpoints.wait_until_finished()
     progress.close()
     if not summary:  # nothing left to train (a finished run started again): report it
       summary = self.evaluate(state, rng_state)
-    self._log("done: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    self._summarise(summary, best, start, time.perf_counter() - started, progress)
     return summary
+
+  def _summarise(self, summary, best, start: int, seconds: float, progress: "_Progress"):
+    """The end-of-run report: what was trained, how fast, how well, where it is."""
+    lines = [f"done: step {self.total_steps} of {self.total_steps} "
+             f"({self.total_steps / self.steps_per_epoch:g} epochs of {self.steps_per_epoch} "
+             f"steps, global batch {self.cfg.train.global_batch})",
+             "  " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())]
+    if best is not None:
+      lines.append(f"  best eval/top1 {best[0]:.4f} at step {best[1]}")
+    if self.total_steps > start:
+      lines.append(f"  this run: {self.total_steps - start} steps in {seconds:.0f} s, "
+                   f"{progress.mean_speed():.1f} images/s after the first step")
+    skipped = self._batches.skipped if self._batches else 0
+    if skipped:
+      lines.append(f"  skipped {skipped} unreadable training images")
+    lines.append(f"  checkpoints: {self.workdir / 'checkpoints'}; metrics: {self.metrics.path}")
+    self._log("\n".join(lines))
 
   def _log(self, message: str) -> None:
     if jax.process_index() == 0:
@@ -321,6 +453,7 @@ class _Progress:
     self.total, self.steps_per_epoch, self.batch = total, steps_per_epoch, batch
     self.last_time, self.last_step = time.perf_counter(), start
     self.speed = 0.0
+    self.first: tuple[float, int] | None = None  # after the first (compiling) step
     self.bar = None
     if sys.stderr.isatty() and jax.process_index() == 0:
       from tqdm import tqdm
@@ -331,6 +464,8 @@ class _Progress:
     if now > self.last_time:
       self.speed = (step - self.last_step) * self.batch / (now - self.last_time)
     self.last_time, self.last_step = now, step
+    if self.first is None:
+      self.first = (now, step)
     epoch = (step - 1) // self.steps_per_epoch + 1
     text = f"epoch {epoch} loss {loss:.4f} lr {lr:.2e} {self.speed:.0f} img/s"
     if self.bar is not None:
@@ -340,6 +475,12 @@ class _Progress:
       eta = (self.total - step) * self.batch / self.speed if self.speed else float("nan")
       print(f"step {step}/{self.total} {text} eta {eta:.0f}s", flush=True)
     return self.speed
+
+  def mean_speed(self) -> float:
+    """Images per second since the first step (which includes compilation)."""
+    if self.first is None or self.last_step == self.first[1]:
+      return self.speed
+    return (self.last_step - self.first[1]) * self.batch / (self.last_time - self.first[0])
 
   def note(self, message: str) -> None:
     if self.bar is not None:

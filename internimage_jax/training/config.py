@@ -1,0 +1,120 @@
+"""The training config schema: every key with its default, and validation.
+
+Experiment files (``configs/*.py``) start from ``base_config()`` and change values; a
+key that is not in the schema (a typo in a config file) is reported by ``validate`` with
+the nearest valid names, and ``--config.x=v`` overrides of unknown keys are refused by
+ml_collections (the config is locked).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from ml_collections import ConfigDict
+
+RECIPE_RANDAUGMENT = "rand-m9-mstd0.5-inc1"
+
+
+def base_config() -> ConfigDict:
+  """Defaults = the original from-scratch ImageNet-1K recipe (InternImage-T)."""
+  cfg = ConfigDict()
+  cfg.seed = 0
+  cfg.mode = "train"  # or "eval": evaluate init_from (or the workdir's latest) and stop
+  cfg.init_from = ""  # official .pth / .safetensors / converted dir; new head if classes differ
+  cfg.model = ConfigDict(dict(
+      name="internimage_t",
+      # Any InternImage constructor option (channels, depths, drop_path_rate, ...).
+      overrides=ConfigDict(dict(drop_path_rate=0.1)),
+  ))
+  cfg.data = ConfigDict(dict(
+      source="tfds",  # "tfds" (tfds.data_source), "folder" (dir/train/<class>/*), "digits"
+      name="imagenet2012",  # tfds name
+      dir="",  # tfds data_dir, or the image folder's root
+      train_split="train", eval_split="validation",  # folder: "train" and "val"
+      image_key="image", label_key="label",  # tfds feature names
+      image_size=224,
+      threads=8,  # host threads decoding and augmenting per process
+      prefetch=2,  # whole batches prepared ahead per process
+      eval_batch=0,  # global evaluation batch; 0 = the training global batch
+      test_fraction=0.2, split_seed=0,  # digits only: the fixed held-out split
+  ))
+  cfg.aug = ConfigDict(dict(
+      random_resized_crop=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),  # bicubic
+      hflip=0.5,
+      randaugment=RECIPE_RANDAUGMENT,  # "" = off
+      reprob=0.25,  # random erasing (pixel mode, one box)
+      mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,  # 0, 0 = off
+  ))
+  cfg.train = ConfigDict(dict(
+      global_batch=4096,  # the original's 32 GPUs x 128 (or 8 x 512)
+      accum_steps=1,  # gradient accumulation: micro-batches of global_batch / accum_steps
+      epochs=300.0, warmup_epochs=20.0,
+      lr=5e-4, warmup_lr=5e-7, min_lr=5e-6,  # per 512 images, scaled by global_batch / 512
+      weight_decay=0.05, clip_grad=5.0, label_smoothing=0.1,
+      layer_decay=0.0,  # layer-wise LR decay ratio (0 = off), counted from the last block
+      dcn_lr_mul=1.0,  # LR multiplier of dcn.offset and dcn.center_feature_scale_proj
+      ema_decay=0.9999,  # 0 = no EMA
+      compute_dtype="float32",  # or "bfloat16" (float32 master weights and optimizer)
+  ))
+  cfg.mesh = ConfigDict(dict(data=-1, fsdp=1))  # axis -> size; one may be -1 (the rest)
+  cfg.checkpoint = ConfigDict(dict(every_steps=0, keep=3))  # 0 = once per epoch
+  cfg.log_every_steps = 50
+  cfg.eval_every_steps = 0  # 0 = once per epoch
+  return cfg
+
+
+def fine_tune(cfg: ConfigDict) -> ConfigDict:
+  """The original 22K -> 1K fine-tuning recipe on top of ``cfg`` (20 epochs)."""
+  cfg.train.update(epochs=20.0, warmup_epochs=2.0, lr=2e-5, warmup_lr=0.0, min_lr=0.0,
+                   label_smoothing=0.3, layer_decay=0.9, dcn_lr_mul=0.1, global_batch=512)
+  cfg.aug.update(mixup=0.0, cutmix=0.0, reprob=0.0)
+  return cfg
+
+
+VARIANTS = {
+    "bf16": "bfloat16 compute, float32 master weights and optimizer state",
+    "fsdp": "parameters and optimizer state sharded over all devices (mesh data=1, fsdp=-1)",
+    "folder": "read an image folder (config.data.dir with train/<class>/* and val/<class>/*)",
+}
+
+
+def apply_variants(cfg: ConfigDict, variants: str | None) -> ConfigDict:
+  """Applies comma-separated hardware/data variants (``VARIANTS``) of a config string."""
+  for variant in filter(None, (v.strip() for v in (variants or "").split(","))):
+    if variant == "bf16":
+      cfg.train.compute_dtype = "bfloat16"
+    elif variant == "fsdp":
+      cfg.mesh.update(data=1, fsdp=-1)
+    elif variant == "folder":
+      cfg.data.update(source="folder", train_split="train", eval_split="val")
+    else:
+      raise ValueError(f"unknown config variant {variant!r}; choose from "
+                       + ", ".join(f"{k} ({v})" for k, v in VARIANTS.items()))
+  return cfg
+
+
+def _unknown(cfg: ConfigDict, schema: ConfigDict, prefix: str = "") -> list[str]:
+  problems = []
+  for key, value in cfg.items():
+    name = prefix + key
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      problems.append(name + (f" (did you mean {prefix + close[0]}?)" if close else ""))
+    elif isinstance(value, ConfigDict) and name != "model.overrides":
+      problems += _unknown(value, schema[key], name + ".")
+  return problems
+
+
+def validate(cfg: ConfigDict) -> None:
+  """Raises ``ValueError`` naming every key the schema does not know and bad values."""
+  unknown = _unknown(cfg, base_config())
+  if unknown:
+    raise ValueError("unknown config key(s): " + ", ".join(unknown))
+  if cfg.mode not in ("train", "eval"):
+    raise ValueError(f"config.mode must be 'train' or 'eval', got {cfg.mode!r}")
+  if cfg.train.compute_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.train.compute_dtype must be 'float32' or 'bfloat16', got "
+                     f"{cfg.train.compute_dtype!r}")
+  if cfg.train.accum_steps < 1 or cfg.train.global_batch % cfg.train.accum_steps:
+    raise ValueError(f"config.train.accum_steps ({cfg.train.accum_steps}) must be >= 1 and "
+                     f"divide the global batch ({cfg.train.global_batch})")
