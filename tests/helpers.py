@@ -14,6 +14,14 @@ import pytest
 GOLDEN_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "golden").resolve()
 
 # ../shared/golden/README.md: compare arrays whole, max|got - want| <= tol * max|want|.
+# The spec's parameter counts (1000 classes); checked in test_recipes on the abstract
+# state of every official config.
+PARAM_COUNTS = {
+    "internimage_t": 29_918_424, "internimage_s": 50_079_880, "internimage_b": 97_461_832,
+    "internimage_l": 223_334_810, "internimage_xl": 334_819_780,
+    "internimage_h": 1_089_636_760, "internimage_g": 3_076_373_352,
+}
+
 TOL_X64 = 1e-5
 TOL_OP_F32 = 1e-4
 TOL_NET_F32 = 2e-4

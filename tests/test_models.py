@@ -21,11 +21,6 @@ MINI_H = dict(channels=16, depths=(1, 1, 6, 1), groups=(2, 4, 8, 16), dw_kernel_
               res_post_norm=True, level2_post_norm=True, level2_post_norm_block_ids=(2, 5),
               center_feature_scale=True, use_clip_projector=True)
 
-PARAM_COUNTS = {
-    "internimage_t": 29_918_424, "internimage_s": 50_079_880, "internimage_b": 97_461_832,
-    "internimage_l": 223_334_810, "internimage_xl": 334_819_780,
-    "internimage_h": 1_089_636_760, "internimage_g": 3_076_373_352,
-}
 
 
 @functools.cache
@@ -73,14 +68,6 @@ def test_golden_network(case, dtype):
     assert len(features) == 4
     for i, feature in enumerate(features):
       assert_rel_close(feature, g[f"stage{i + 1}_nhwc"], tol, f"level {i}")
-
-
-def test_parameter_counts_of_all_variants_without_allocating():
-  for name, expected in PARAM_COUNTS.items():
-    params = nnx.state(_abstract(name), nnx.Param)
-    leaves = jax.tree.leaves(params)
-    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves), name
-    assert sum(leaf.size for leaf in leaves) == expected, name
 
 
 def test_variant_structure_matches_the_spec():
