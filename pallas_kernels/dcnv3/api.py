@@ -6,14 +6,16 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dcnv3.config import INTERPRET_CONFIG, TritonConfig
+from pallas_kernels.dcnv3.config import INTERPRET_CONFIG, MosaicConfig, TritonConfig
+from pallas_kernels.dcnv3.mosaic import dcnv3_mosaic
 from pallas_kernels.dcnv3.params import DCNv3Params, IntOrPair
 from pallas_kernels.dcnv3.reference import dcnv3_xla
 from pallas_kernels.dcnv3.triton import dcnv3_triton
 
-Implementation = Literal["auto", "xla", "pallas"]
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
+Implementation = Literal["auto", "xla", "pallas", "pallas_triton", "pallas_mosaic"]
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas", "pallas_triton", "pallas_mosaic")
 
 
 def _check_shapes(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Params) -> None:
@@ -67,9 +69,11 @@ def dcnv3(
     offset_scale: scales the learned offsets and the fixed kernel grid.
     remove_center: drop the centre point (odd square kernels only).
     implementation: ``"xla"``, the bilinear-gather fallback (every platform);
-      ``"pallas"``, the Pallas Triton kernels on GPU and the same kernels in
-      interpret mode on CPU (no TPU kernel yet: a clear error there); ``"auto"``,
-      the XLA fallback until the Pallas kernels have been checked on a GPU.
+      ``"pallas"``, this platform's Pallas kernels: Triton on GPU, Mosaic on TPU, the
+      Triton kernels in interpret mode on CPU; ``"pallas_triton"`` /
+      ``"pallas_mosaic"``, one backend explicitly (on CPU in interpret mode, the way
+      both are tested without hardware); ``"auto"``, the XLA fallback until the
+      kernels have been checked on the device (``benchmarks/gpu_check.py``).
 
   Returns:
     ``[N, Ho, Wo, group * C]`` in the dtype of ``x``; accumulation is float32 for
@@ -83,13 +87,20 @@ def dcnv3(
       offset_scale=offset_scale, remove_center=remove_center)
   x, offset, mask = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(mask)
   _check_shapes(x, offset, mask, params)
+  if implementation in ("auto", "xla"):
+    return dcnv3_xla(x, offset, mask, params)
+  platform = jax.default_backend()
   if implementation == "pallas":
-    platform = jax.default_backend()
+    implementation = "pallas_mosaic" if platform == "tpu" else "pallas_triton"
+  backend = "triton" if implementation == "pallas_triton" else "mosaic"
+  native = {"triton": "gpu", "mosaic": "tpu"}[backend]
+  if platform not in (native, "cpu"):
+    raise NotImplementedError(
+        f"dcnv3: implementation={implementation!r} runs on {native} (or on cpu in "
+        f"interpret mode), not on {platform!r}")
+  if backend == "triton":
     if platform == "gpu":
       return dcnv3_triton(x, offset, mask, params, TritonConfig(), False)
-    if platform == "cpu":
-      return dcnv3_triton(x, offset, mask, params, INTERPRET_CONFIG, True)
-    raise NotImplementedError(
-        f"dcnv3: implementation='pallas' has no kernel for {platform!r} yet; "
-        "use implementation='xla'")
-  return dcnv3_xla(x, offset, mask, params)
+    return dcnv3_triton(x, offset, mask, params, INTERPRET_CONFIG, True)
+  interpret = False if platform == "tpu" else pltpu.InterpretParams()
+  return dcnv3_mosaic(x, offset, mask, params, MosaicConfig(), interpret)

@@ -34,3 +34,24 @@ class TritonConfig:
 # when one call repeats an index (jax-ml/jax#24117). With one output pixel-group per
 # program, the indices of every atomic call are distinct, so the CPU check is exact.
 INTERPRET_CONFIG = TritonConfig(block_q=1, num_warps=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Block configuration of the Pallas Mosaic (TPU) kernels.
+
+  ``block_q`` output pixels of one (image, group) per grid step (a multiple of 8, the
+  sublane count, and of ``chunk``); ``chunk`` pixels' corner rows and weights are
+  copied into SMEM at a time (``chunk * 4 * P`` words each: SMEM is small).
+  """
+
+  block_q: int = 128
+  chunk: int = 8
+
+  def __post_init__(self):
+    if not isinstance(self.chunk, int) or self.chunk < 1:
+      raise ValueError(f"MosaicConfig.chunk must be a positive int, got {self.chunk!r}")
+    if (not isinstance(self.block_q, int) or self.block_q < 8 or self.block_q % 8
+        or self.block_q % self.chunk):
+      raise ValueError(f"MosaicConfig.block_q must be a positive multiple of 8 and of chunk "
+                       f"({self.chunk}), got {self.block_q!r}")
