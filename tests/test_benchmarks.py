@@ -44,3 +44,21 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
   assert {r["impl"] for r in report["operator"]} == {"pallas", "xla"}
   assert all("train_images_per_second" in s for s in report["train_step"])
   assert "speed-up vs xla" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_scaling_benchmark_reports_sharded_memory():
+  """benchmarks/scaling.py on 4 fake devices: FSDP shards the state four ways."""
+  import os
+
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/scaling.py", "--model", "internimage_t", "--image-size", "32",
+       "--per-device-batch", "1", "--devices", "4", "--mesh", "data=1,fsdp=4", "--remat",
+       "block", "--options", '{"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8]}'],
+      cwd=REPO, capture_output=True, text=True, check=True,
+      env=dict(os.environ, XLA_FLAGS=""))
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["mesh"] == {"data": 1, "fsdp": 4} and report["devices"] == 4
+  # Nearly every tensor splits four ways; a few small ones (odd sizes) do not.
+  assert report["param_bytes_per_device"] < 0.3 * report["param_bytes_total"]
+  assert report["state_bytes_per_device"] < 0.3 * report["state_bytes_total"]
+  assert report["total_bytes"] >= report["state_bytes_per_device"] > 0

@@ -101,6 +101,19 @@ class Block(nnx.Module, TorchNamed):
                         getattr(self, "gamma2", None))
 
 
+# Rematerialisation of each block in the backward pass (``remat=`` of InternImage):
+# "none" keeps every activation; "block" keeps only the blocks' inputs (the least
+# memory, one extra forward); "dots" also keeps matmul outputs without batch dims.
+REMAT_POLICIES = {
+    "block": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _call_block(block: "Block", x: jax.Array) -> jax.Array:
+  return block(x)
+
+
 class Level(nnx.Module, TorchNamed):
   """A stage of blocks, its optional post-norms and final norm, then a downsample."""
 
@@ -110,8 +123,10 @@ class Level(nnx.Module, TorchNamed):
       self, channels: int, depth: int, group: int, *, drop_path: Sequence[float],
       downsample: bool, post_norm: bool, center_feature_scale: bool,
       post_norm_block_ids: Sequence[int] | None, dtype: Dtype, param_dtype: Dtype,
-      rngs: nnx.Rngs, **block_options):
+      rngs: nnx.Rngs, remat: str = "none", activation_sharding=None, **block_options):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.remat = remat
+    self.activation_sharding = activation_sharding
     self.blocks = nnx.List([
         Block(channels, group, drop_path=drop_path[i], post_norm=post_norm,
               center_feature_scale=center_feature_scale, **block_options, **kw)
@@ -127,8 +142,14 @@ class Level(nnx.Module, TorchNamed):
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Returns ``(features before downsampling, input of the next level)``."""
+    call = (_call_block if self.remat == "none"
+            else nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat]))
     for i, block in enumerate(self.blocks):
-      x = block(x)
+      x = call(block, x)
+      if self.activation_sharding is not None:
+        # Keep activations split over the batch: with parameters sharded (FSDP), XLA
+        # could otherwise reshard activations by channel instead of gathering weights.
+        x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
       if i in self.post_norm_block_ids:
         x = self.post_norms[self.post_norm_block_ids.index(i)](x)
     if self.norm is not None:
@@ -201,7 +222,10 @@ class InternImage(nnx.Module, TorchNamed):
   """InternImage on NHWC images; ``forward_features`` gives the four level outputs.
 
   A new model is in evaluation mode; ``model.train()`` turns on drop path, dropout
-  and batch statistics, ``model.eval()`` turns them off again.
+  and batch statistics, ``model.eval()`` turns them off again. ``remat`` ("none",
+  "block", "dots") rematerialises each block in the backward pass;
+  ``activation_sharding`` (e.g. batch-sharded over a mesh) is imposed on every
+  block's output.
   """
 
   torch_names: ClassVar[dict[str, str]] = {
@@ -231,11 +255,16 @@ class InternImage(nnx.Module, TorchNamed):
       remove_center: bool = False,
       in_chans: int = 3,
       implementation: str = "auto",
+      remat: str = "none",
+      activation_sharding: jax.sharding.Sharding | None = None,
       dtype: Dtype = None,
       param_dtype: Dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
     depths, groups = tuple(depths), tuple(groups)
+    if remat != "none" and remat not in REMAT_POLICIES:
+      raise ValueError(f"InternImage: remat must be 'none' or one of {sorted(REMAT_POLICIES)}, "
+                       f"got {remat!r}")
     if len(depths) != 4 or len(groups) != 4:
       raise ValueError(f"InternImage: depths and groups need 4 entries, got {depths}, {groups}")
     if channels < 1 or any(d < 1 for d in depths):
@@ -284,7 +313,8 @@ class InternImage(nnx.Module, TorchNamed):
             mlp_ratio=mlp_ratio, drop=drop_rate, layer_scale=layer_scale,
             offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
             res_post_norm=res_post_norm, remove_center=remove_center,
-            implementation=implementation, **kw)
+            implementation=implementation, remat=remat,
+            activation_sharding=activation_sharding, **kw)
         for i in range(4)])
 
     if not use_clip_projector:

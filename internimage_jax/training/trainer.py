@@ -133,6 +133,7 @@ class TrainProgram:
     return models.create(cfg.model.name, num_classes=self.num_classes,
                          rngs=nnx.Rngs(cfg.seed if seed is None else seed),
                          dtype=COMPUTE_DTYPES[cfg.train.compute_dtype],
+                         activation_sharding=sharding.batch_sharding(self.mesh),
                          **cfg.model.overrides.to_dict())
 
   def abstract_inputs(self, batch: int | None = None):

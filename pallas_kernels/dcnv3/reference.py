@@ -132,7 +132,14 @@ _CHUNK_ROWS = 16384
 
 
 def images_per_chunk(batch: int, out_h: int, out_w: int, group: int) -> int:
-  """The largest divisor of ``batch`` whose images hold at most ``_CHUNK_ROWS`` rows."""
+  """The largest divisor of ``batch`` whose images hold at most ``_CHUNK_ROWS`` rows.
+
+  Chunking is a cache optimisation for a single CPU device. With several devices the
+  batch is sharded, and a sequential map over batch chunks would make XLA gather
+  each chunk from the devices holding it; accelerators want the whole batch at once.
+  """
+  if jax.default_backend() != "cpu" or jax.device_count() > 1:
+    return batch
   limit = max(1, _CHUNK_ROWS // (out_h * out_w * group))
   return max(d for d in range(1, batch + 1) if batch % d == 0 and d <= limit)
 

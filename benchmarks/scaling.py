@@ -1,0 +1,108 @@
+"""Per-device memory and compile time of a full train step on a device mesh, from
+abstract shapes only (nothing of the model is allocated).
+
+    python benchmarks/scaling.py --model internimage_h --image-size 640 \\
+        --per-device-batch 16 --devices 8 --mesh data=1,fsdp=8 --remat block
+
+Builds the training program of ``train.py`` (augmentation, forward, backward, AdamW
+with clipping and LR groups, EMA) for ``--devices`` fake CPU devices, compiles it
+ahead of time and prints one JSON line: ``compiled.memory_analysis()`` per device
+(argument, output, alias, temp and total bytes), the compile time, and the bytes
+per device of the parameters and of the whole train state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _parse() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="internimage_h")
+  parser.add_argument("--image-size", type=int, default=640)
+  parser.add_argument("--per-device-batch", type=int, default=16)
+  parser.add_argument("--devices", type=int, default=8, help="fake CPU devices")
+  parser.add_argument("--mesh", default="data=1,fsdp=-1", help="axis=size,... (-1: the rest)")
+  parser.add_argument("--remat", default="none", choices=["none", "block", "dots"])
+  parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--accum-steps", type=int, default=1)
+  parser.add_argument("--no-ema", action="store_true", help="without the EMA copy")
+  parser.add_argument("--options", default="{}", help="JSON overrides of the variant")
+  return parser.parse_args()
+
+
+def main() -> None:
+  args = _parse()
+  # The device count is fixed when JAX starts: set it before the first import.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={args.devices}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  import jax
+  import numpy as np
+
+  from benchmarks.common import machine
+  from internimage_jax.training.config import base_config
+  from internimage_jax.training.trainer import TrainProgram
+
+  cfg = base_config()
+  cfg.model.name = args.model
+  cfg.model.overrides.remat = args.remat
+  cfg.model.overrides.update(json.loads(args.options))
+  cfg.data.image_size = args.image_size
+  cfg.train.update(global_batch=args.per_device_batch * args.devices,
+                   accum_steps=args.accum_steps, compute_dtype=args.compute_dtype,
+                   ema_decay=0.0 if args.no_ema else 0.9999)
+  cfg.mesh = type(cfg.mesh)({k: int(v) for k, v in
+                             (item.split("=") for item in args.mesh.split(","))})
+  start = time.perf_counter()
+  program = TrainProgram(cfg, num_classes=1000, steps_per_epoch=1000)
+  build_s = time.perf_counter() - start
+  start = time.perf_counter()
+  lowered = program.train_step.lower(*program.abstract_inputs())
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+
+  def per_device_bytes(tree) -> int:
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                   for x in jax.tree.leaves(tree)))
+
+  def total_bytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+  state = program.abstract_state
+  memory = compiled.memory_analysis()
+  report = {
+      "model": args.model, "image_size": args.image_size,
+      "per_device_batch": args.per_device_batch, "devices": args.devices,
+      "mesh": dict(program.mesh.shape), "remat": args.remat,
+      "compute_dtype": args.compute_dtype, "accum_steps": args.accum_steps,
+      "options": json.loads(args.options),
+      "ema": not args.no_ema,
+      "param_bytes_total": total_bytes(state["params"]),
+      "param_bytes_per_device": per_device_bytes(state["params"]),
+      "state_bytes_total": total_bytes(state),
+      "state_bytes_per_device": per_device_bytes(state),
+      "build_s": round(build_s, 1), "lower_s": round(lower_s, 1),
+      "compile_s": round(compile_s, 1),
+      "machine": machine(),
+  }
+  if memory is not None:
+    report.update(
+        argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+        # Donated state is both argument and output: count it once.
+        total_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                     - memory.alias_size_in_bytes + memory.temp_size_in_bytes))
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()
