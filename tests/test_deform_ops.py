@@ -515,3 +515,42 @@ def test_errors_name_the_argument():
     ops.roi_align(x, boxes, (2, 2, 2))
   with pytest.raises(ValueError, match="groups"):
     models.DeformConv2d(6, 4, 3, groups=4, rngs=nnx.Rngs(0))
+
+
+def test_nhwc_and_nchw_agree():
+  """``layout="NHWC"`` (channels-last, as InternImage's features) = NCHW transposed, for
+  every operator, outputs and input gradients."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 8, 9, 11)), jnp.float32)  # NCHW
+  boxes = jnp.asarray([[0, 1.0, 2.0, 15.0, 12.0], [1, 4.0, 0.5, 9.0, 17.0]], jnp.float32)
+  offset = jnp.asarray(rng.normal(size=(2, 2, 2, 2)), jnp.float32)
+  nhwc = jnp.moveaxis(x, 1, -1)
+  size = (2, 2)
+  cases = {
+      "roi_pool": lambda a, layout: ops.roi_pool(a, boxes, size, 0.5, layout=layout),
+      "ps_roi_pool": lambda a, layout: ops.ps_roi_pool(a, boxes, size, 0.5, layout=layout),
+      "roi_align": lambda a, layout: ops.roi_align(a, boxes, size, 0.5, 0, aligned=True,
+                                                   layout=layout),
+      "ps_roi_align": lambda a, layout: ops.ps_roi_align(a, boxes, size, 0.5, 2, layout=layout),
+      "deform_roi_pool": lambda a, layout: ops.deform_roi_pool(
+          a, boxes, offset, size, 0.5, 0, position_sensitive=True, layout=layout),
+  }
+  for name, op in cases.items():
+    want, want_vjp = jax.vjp(lambda a: op(a, "NCHW"), x)
+    got, got_vjp = jax.vjp(lambda a: op(a, "NHWC"), nhwc)
+    np.testing.assert_allclose(got, jnp.moveaxis(want, 1, -1), rtol=1e-6, atol=1e-6,
+                               err_msg=name)
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    np.testing.assert_allclose(got_vjp(jnp.moveaxis(cotangent, 1, -1))[0],
+                               jnp.moveaxis(want_vjp(cotangent)[0], 1, -1), rtol=1e-6,
+                               atol=1e-6, err_msg=name)
+  # deform_conv2d: input, offset and mask channels-last; weight unchanged.
+  weight = jnp.asarray(rng.normal(size=(6, 8, 3, 3)), jnp.float32)
+  off = jnp.asarray(rng.normal(size=(2, 18, 9, 11)), jnp.float32)
+  mask = jnp.asarray(rng.random((2, 9, 9, 11)), jnp.float32)
+  want = ops.deform_conv2d(x, off, weight, padding=1, mask=mask)
+  got = ops.deform_conv2d(nhwc, *(jnp.moveaxis(a, 1, -1) for a in (off,)), weight, padding=1,
+                          mask=jnp.moveaxis(mask, 1, -1), layout="NHWC")
+  np.testing.assert_allclose(got, jnp.moveaxis(want, 1, -1), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="layout must be"):
+    ops.roi_align(x, boxes, size, layout="HWCN")

@@ -188,8 +188,13 @@ def deform_conv2d(
     padding: IntOrPair = 0,
     dilation: IntOrPair = 1,
     mask: jax.Array | None = None,
+    *,
+    layout: str = "NCHW",
 ) -> jax.Array:
   """Deformable convolution: DCNv1, or DCNv2 when ``mask`` is given (torchvision API).
+
+  ``layout="NHWC"`` takes ``input``, ``offset`` and ``mask`` channels-last (same
+  channel order) and returns ``[N, Ho, Wo, C_out]``; ``weight`` keeps its layout.
 
   Args:
     input: ``[N, C_in, H, W]``.
@@ -212,8 +217,14 @@ def deform_conv2d(
   if min(*stride, *dilation) < 1 or min(padding) < 0:
     raise ValueError(f"deform_conv2d: stride and dilation must be >= 1 and padding >= 0, got "
                      f"stride={stride}, dilation={dilation}, padding={padding}")
-  return _deform_conv2d(input, offset, weight, bias, mask, stride=stride, padding=padding,
-                        dilation=dilation)
+  if layout not in ("NCHW", "NHWC"):
+    raise ValueError(f"deform_conv2d: layout must be 'NCHW' or 'NHWC', got {layout!r}")
+  if layout == "NHWC":
+    input, offset = (jnp.moveaxis(jnp.asarray(a), -1, 1) for a in (input, offset))
+    mask = None if mask is None else jnp.moveaxis(jnp.asarray(mask), -1, 1)
+  out = _deform_conv2d(input, offset, weight, bias, mask, stride=stride, padding=padding,
+                       dilation=dilation)
+  return jnp.moveaxis(out, 1, -1) if layout == "NHWC" else out
 
 
 @functools.partial(jax.jit, static_argnames=("stride", "padding", "dilation"))

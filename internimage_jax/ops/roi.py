@@ -50,6 +50,22 @@ _MAX_GRID = 1 << 22
 _CANDIDATES = 6
 
 
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def _nchw(op: str, input: jax.Array, layout: str) -> jax.Array:  # noqa: A002
+  """The input as NCHW: ``layout="NHWC"`` (channels-last, as the InternImage models
+  produce features) is transposed once; the pooled output is transposed back."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"{op}: layout must be 'NCHW' or 'NHWC', got {layout!r}")
+  input = jnp.asarray(input)
+  return jnp.moveaxis(input, -1, 1) if layout == "NHWC" and input.ndim == 4 else input
+
+
+def _from_nchw(output: jax.Array, layout: str) -> jax.Array:
+  return jnp.moveaxis(output, 1, -1) if layout == "NHWC" else output
+
+
 def _boxes_array(op: str, boxes) -> jax.Array:
   """``[K, 5]`` boxes from either of torchvision's forms (outside jit: a list's length
   is static)."""
@@ -286,11 +302,14 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    *,
+    layout: str = "NCHW",
 ) -> jax.Array:
   """RoIAlign (torchvision): average of bilinear samples on a grid in each bin.
 
   Args:
-    input: ``[N, C, H, W]``.
+    input: ``[N, C, H, W]`` (``[N, H, W, C]`` with ``layout="NHWC"``, which also
+      gives the output channels-last, ``[K, ph, pw, C_out]``).
     boxes: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a list of ``[L, 4]``.
     output_size: ``(ph, pw)`` or an int.
     spatial_scale: maps box coordinates to feature coordinates.
@@ -302,11 +321,13 @@ def roi_align(
     ``[K, C, ph, pw]`` in the input's dtype.
   """
   op = "roi_align"
-  return _aligned_pool(op, input, _boxes_array(op, boxes), None,
-                       output_size=_output_size(op, output_size),
-                       spatial_scale=float(spatial_scale), sampling_ratio=int(sampling_ratio),
-                       offset_px=0.5 if aligned else 0.0, min_size=not aligned,
-                       position_sensitive=False)
+  input = _nchw(op, input, layout)
+  out = _aligned_pool(op, input, _boxes_array(op, boxes), None,
+                      output_size=_output_size(op, output_size),
+                      spatial_scale=float(spatial_scale), sampling_ratio=int(sampling_ratio),
+                      offset_px=0.5 if aligned else 0.0, min_size=not aligned,
+                      position_sensitive=False)
+  return _from_nchw(out, layout)
 
 
 def ps_roi_align(
@@ -315,6 +336,8 @@ def ps_roi_align(
     output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
+    *,
+    layout: str = "NCHW",
 ) -> jax.Array:
   """Position-sensitive RoIAlign (torchvision): bin ``(i, j)`` of output channel ``c``
   averages input channel ``c * ph * pw + i * pw + j``; boxes are pixel-centre aligned.
@@ -323,10 +346,12 @@ def ps_roi_align(
   with an adaptive grid) gives zeros, where torchvision divides by zero.
   """
   op = "ps_roi_align"
-  return _aligned_pool(op, input, _boxes_array(op, boxes), None,
-                       output_size=_output_size(op, output_size),
-                       spatial_scale=float(spatial_scale), sampling_ratio=int(sampling_ratio),
-                       offset_px=0.5, min_size=False, position_sensitive=True)
+  input = _nchw(op, input, layout)
+  out = _aligned_pool(op, input, _boxes_array(op, boxes), None,
+                      output_size=_output_size(op, output_size),
+                      spatial_scale=float(spatial_scale), sampling_ratio=int(sampling_ratio),
+                      offset_px=0.5, min_size=False, position_sensitive=True)
+  return _from_nchw(out, layout)
 
 
 def deform_roi_pool(
@@ -338,6 +363,8 @@ def deform_roi_pool(
     sampling_ratio: int = 0,
     gamma: float = 0.1,
     position_sensitive: bool = False,
+    *,
+    layout: str = "NCHW",
 ) -> jax.Array:
   """Deformable RoI pooling (Deformable ConvNets): RoIAlign with per-bin offsets.
 
@@ -347,7 +374,8 @@ def deform_roi_pool(
   channel group as in :func:`ps_roi_align`.
 
   Args:
-    input: ``[N, C, H, W]``.
+    input: ``[N, C, H, W]`` (``[N, H, W, C]`` with ``layout="NHWC"``, which also
+      gives the output channels-last, ``[K, ph, pw, C_out]``).
     boxes: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a list of ``[L, 4]``.
     offset: ``[K, 2, ph, pw]`` normalised offsets, or None for none.
     output_size: ``(ph, pw)`` or an int.
@@ -361,6 +389,7 @@ def deform_roi_pool(
     sampling points) give zeros, and gradients stay finite.
   """
   op = "deform_roi_pool"
+  input = _nchw(op, input, layout)
   ph, pw = _output_size(op, output_size)
   boxes = _boxes_array(op, boxes)
   if offset is not None:
@@ -369,10 +398,11 @@ def deform_roi_pool(
     if offset.shape != (k, 2, ph, pw):
       raise ValueError(f"{op}: offset must have shape {(k, 2, ph, pw)} (K, 2, ph, pw), got "
                        f"{tuple(offset.shape)}")
-  return _aligned_pool(op, input, boxes, offset, output_size=(ph, pw),
-                       spatial_scale=float(spatial_scale), sampling_ratio=int(sampling_ratio),
-                       offset_px=0.5, min_size=False, position_sensitive=bool(position_sensitive),
-                       gamma=float(gamma))
+  out = _aligned_pool(op, input, boxes, offset, output_size=(ph, pw),
+                      spatial_scale=float(spatial_scale), sampling_ratio=int(sampling_ratio),
+                      offset_px=0.5, min_size=False, position_sensitive=bool(position_sensitive),
+                      gamma=float(gamma))
+  return _from_nchw(out, layout)
 
 
 # -- quantised RoI pools -------------------------------------------------------------------
@@ -409,6 +439,8 @@ def roi_pool(
     boxes,
     output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
+    *,
+    layout: str = "NCHW",
 ) -> jax.Array:
   """RoI max pooling (torchvision): maximum over quantised bins; empty bins give 0.
 
@@ -419,8 +451,10 @@ def roi_pool(
     ``[K, C, ph, pw]`` in the input's dtype.
   """
   op = "roi_pool"
-  return _roi_pool(input, _boxes_array(op, boxes), output_size=_output_size(op, output_size),
-                   spatial_scale=float(spatial_scale))
+  input = _nchw(op, input, layout)
+  out = _roi_pool(input, _boxes_array(op, boxes), output_size=_output_size(op, output_size),
+                  spatial_scale=float(spatial_scale))
+  return _from_nchw(out, layout)
 
 
 @functools.partial(jax.jit, static_argnames=("output_size", "spatial_scale"))
@@ -495,6 +529,8 @@ def ps_roi_pool(
     boxes,
     output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
+    *,
+    layout: str = "NCHW",
 ) -> jax.Array:
   """Position-sensitive RoI pooling (torchvision): the average over quantised bin
   ``(i, j)`` of input channel ``c * ph * pw + i * pw + j``; empty bins give 0.
@@ -508,8 +544,10 @@ def ps_roi_pool(
     ``[K, C / (ph * pw), ph, pw]`` in the input's dtype.
   """
   op = "ps_roi_pool"
-  return _ps_roi_pool(input, _boxes_array(op, boxes), output_size=_output_size(op, output_size),
-                      spatial_scale=float(spatial_scale))
+  input = _nchw(op, input, layout)
+  out = _ps_roi_pool(input, _boxes_array(op, boxes), output_size=_output_size(op, output_size),
+                     spatial_scale=float(spatial_scale))
+  return _from_nchw(out, layout)
 
 
 @functools.partial(jax.jit, static_argnames=("output_size", "spatial_scale"))
