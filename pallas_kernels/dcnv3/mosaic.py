@@ -38,19 +38,16 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.dcnv3.config import MosaicConfig
 from pallas_kernels.dcnv3.params import DCNv3Params
-from pallas_kernels.dcnv3.reference import Corner, bilinear_corners, compute_dtype
+from pallas_kernels.dcnv3.reference import Corner, _centres, bilinear_corners, compute_dtype
 
 
-def _positions(offset: jax.Array, params: DCNv3Params, h: int, w: int, dtype):
+def _positions(offset: jax.Array, params: DCNv3Params, dtype):
   """Sampling positions ``(px, py)``, each ``[N, Ho, Wo, G, P]``."""
   n, ho, wo, _ = offset.shape
-  (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-      params.kernel, params.stride, params.pad, params.dilation)
   s = params.offset_scale
   off = offset.reshape(n, ho, wo, params.group, params.num_points, 2).astype(dtype)
   grid = np.asarray(params.kernel_grid(), np.float64)  # [P, (dx, dy)]
-  cx = np.arange(wo) * sw + (dw * (kw - 1)) // 2 - pw
-  cy = np.arange(ho) * sh + (dh * (kh - 1)) // 2 - ph
+  cx, cy = _centres(params, ho, wo)
   px = jnp.asarray(cx, dtype)[:, None, None] + jnp.asarray(s * grid[:, 0], dtype) + s * off[..., 0]
   py = (jnp.asarray(cy, dtype)[:, None, None, None] + jnp.asarray(s * grid[:, 1], dtype)
         + s * off[..., 1])
@@ -59,7 +56,7 @@ def _positions(offset: jax.Array, params: DCNv3Params, h: int, w: int, dtype):
 
 def _corners(offset, params: DCNv3Params, h: int, w: int, dtype) -> list[Corner]:
   """The four corners of every point; rows index the point's own ``[H*W]`` slab."""
-  px, py = _positions(offset, params, h, w, dtype)
+  px, py = _positions(offset, params, dtype)
   return bilinear_corners(px, py, batch=0, group_index=0, group=1, height=h, width=w)
 
 
