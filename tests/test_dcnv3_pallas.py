@@ -21,6 +21,11 @@ from pallas_kernels.dcnv3.triton import dcnv3_triton
 from test_dcnv3_op import _golden_kwargs
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+# Lowering a Triton kernel asks for the target GPU; without one attached (CI), newer
+# JAX reads it from the abstract mesh's device. An H100, the card we benchmark on.
+CUDA_TARGET = jax.sharding.AbstractMesh(
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -109,7 +114,8 @@ def test_kernels_lower_for_cuda(dtype):
   loss = lambda x, o, m: jnp.sum(op(x, o, m).astype(jnp.float32))
   checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
   for fn, kernel in ((op, "dcnv3_forward"), (jax.grad(loss, argnums=(0, 1, 2)), "dcnv3_backward")):
-    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    with jax.sharding.use_abstract_mesh(CUDA_TARGET):
+      exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
     text = exported.mlir_module()
     assert exported.platforms == ("cuda",)
     assert TRITON_CALL in text and kernel in text
