@@ -51,10 +51,6 @@ class _Geometry:
     self.sh, self.sw = sh, sw
     self.base_x = (dw * (kw - 1)) // 2 - pw
     self.base_y = (dh * (kh - 1)) // 2 - ph
-    self.grid = params.kernel_grid()  # [(dx, dy)] per point
-    self.kh, (self.dh, self.dw) = kh, params.dilation
-    self.half_w, self.half_h = (dw * (kw - 1)) // 2, (dh * (kh - 1)) // 2
-    self.centre = (kh * kw - 1) // 2 if params.remove_center else None
 
 
 # Official models use 3x3 kernels (9 points): the loop over points is unrolled. Larger
@@ -70,14 +66,6 @@ def _for_each_point(geo: _Geometry, body, carry):
       carry = body(p, carry)
     return carry
   return jax.lax.fori_loop(0, geo.p, body, carry)
-
-
-def _grid_offset(p, geo: _Geometry):
-  """``(dx, dy)`` of point ``p`` (a Python int, or traced inside a loop)."""
-  if isinstance(p, int):
-    return geo.grid[p]
-  k = p if geo.centre is None else p + (p >= geo.centre).astype(p.dtype)
-  return (k // geo.kh) * geo.dw - geo.half_w, (k % geo.kh) * geo.dh - geo.half_h
 
 
 def _query_centres(q, geo: _Geometry, dtype):
@@ -106,7 +94,7 @@ def _corners(px, py, n, g, geo: _Geometry) -> list[Corner]:
 
 def _positions(off_ref, q, live, p, cx, cy, geo: _Geometry, dtype):
   s = geo.params.offset_scale
-  gx, gy = _grid_offset(p, geo)
+  gx, gy = geo.params.grid_offset(p)  # static p, or traced inside a loop
   ox = plgpu.load(off_ref.at[q, 2 * p], mask=live, other=0.0).astype(dtype)
   oy = plgpu.load(off_ref.at[q, 2 * p + 1], mask=live, other=0.0).astype(dtype)
   return (cx + s * jnp.asarray(gx, dtype) + s * ox, cy + s * jnp.asarray(gy, dtype) + s * oy)
