@@ -178,13 +178,15 @@ class Report:
     self.data: dict = {"date": datetime.date.today().isoformat(), "machine": machine(),
                        "command": command}
 
-  def add(self, key: str, value) -> None:
-    if key.endswith("_errors"):
-      self.data.setdefault(key, [])
-    if isinstance(self.data.get(key), list):
-      self.data[key].append(value)
-    else:
-      self.data[key] = value
+  def set(self, key: str, value) -> None:
+    self.data[key] = value
+    self._saved(key, value)
+
+  def append(self, key: str, row) -> None:
+    self.data.setdefault(key, []).append(row)
+    self._saved(key, row)
+
+  def _saved(self, key: str, value) -> None:
     print(json.dumps({key: value}), flush=True)
     self.save()
 
@@ -238,7 +240,6 @@ def main() -> None:
 
   kernel_ok = True
   if "correctness" in stages:
-    report.add("correctness", [])
     for shape in (t_levels[0], large[0]):
       for dtype in dtypes:
         try:
@@ -247,16 +248,15 @@ def main() -> None:
           row = {"shape": shape.name, "dtype": jnp.dtype(dtype).name, "ok": False,
                  "error": f"{type(e).__name__}: {str(e)[-1500:]}"}
         kernel_ok &= row["ok"]
-        report.add("correctness", row)
+        report.append("correctness", row)
 
   bandwidth = None
   if {"operator", "sweep", "operator_large"} & set(stages):
     bandwidth = copy_bandwidth(1 << 20 if args.smoke else 1 << 30)
-    report.add("copy_bandwidth_gbps", bandwidth / 1e9)
+    report.set("copy_bandwidth_gbps", bandwidth / 1e9)
 
   def operator(key: str, shapes: list[StageShape], keep: float) -> None:
     """Times both implementations while more than ``keep`` seconds are left."""
-    report.add(key, [])
     for shape in shapes:
       for dtype in dtypes:
         for mode in ("fwd", "fwd_bwd"):
@@ -265,13 +265,13 @@ def main() -> None:
           try:
             cases = {impl: time_case(shape, dtype, impl, mode, args.repeats) for impl in IMPLS}
           except Exception as e:  # noqa: BLE001 - recorded, the other cases still run
-            report.add(f"{key}_errors", f"{shape.name} {jnp.dtype(dtype).name} {mode}: "
-                       f"{type(e).__name__}: {str(e)[-800:]}")
+            report.append(f"{key}_errors", f"{shape.name} {jnp.dtype(dtype).name} {mode}: "
+                          f"{type(e).__name__}: {str(e)[-800:]}")
             continue
           for impl, r in cases.items():
             r["fraction_of_copy"] = r["gbps"] * 1e9 / bandwidth
             r["speedup_vs_xla"] = cases["xla"]["seconds"] / r["seconds"]
-            report.add(key, r)
+            report.append(key, r)
 
   # Each stage stops (between cases) where the later stages' share of the budget begins.
   weights = {s: STAGE_SECONDS[s] for s in stages}
@@ -283,7 +283,6 @@ def main() -> None:
     operator("operator", t_levels, keep("operator"))
 
   if "sweep" in stages:
-    report.add("sweep", [])
     for dtype in dtypes:
       for mode in ("fwd", "fwd_bwd"):
         for config in sweep:
@@ -292,10 +291,11 @@ def main() -> None:
           try:
             r = time_case(t_levels[0], dtype, "pallas", mode, args.repeats, config, interpret)
           except Exception as e:  # noqa: BLE001
-            report.add("sweep_errors", f"{config} {mode}: {type(e).__name__}: {str(e)[-800:]}")
+            report.append("sweep_errors",
+                          f"{config} {mode}: {type(e).__name__}: {str(e)[-800:]}")
             continue
           r["fraction_of_copy"] = r["gbps"] * 1e9 / bandwidth
-          report.add("sweep", r)
+          report.append("sweep", r)
 
   if "tests" in stages:
     timeout = max(clock.left() - keep("tests"), 1)
@@ -307,21 +307,19 @@ def main() -> None:
            "no:cacheprovider", "-p", "no:xdist", *per_test,
            "tests/test_dcnv3_pallas.py", "tests/test_dcnv3_op.py"],
           cwd=REPO, capture_output=True, text=True, timeout=timeout)
-      report.add("tests", {"returncode": proc.returncode, "tail": proc.stdout[-4000:]})
+      report.set("tests", {"returncode": proc.returncode, "tail": proc.stdout[-4000:]})
     except subprocess.TimeoutExpired as e:
       tail = e.stdout or b""
       tail = tail.decode() if isinstance(tail, bytes) else tail
-      report.add("tests", {"returncode": None, "error": f"timed out after {timeout:.0f} s",
+      report.set("tests", {"returncode": None, "error": f"timed out after {timeout:.0f} s",
                            "tail": tail[-2500:]})
 
   if "train_t" in stages:
-    report.add("train_t", [])
     for i, impl in enumerate(IMPLS):
       share = (clock.left() - keep("train_t")) / (len(IMPLS) - i)
-      report.add("train_t", model_step("internimage_t", impl, *t_step, timeout=share))
+      report.append("train_t", model_step("internimage_t", impl, *t_step, timeout=share))
 
   if "train_h" in stages:
-    report.add("train_h", [])
     model, size, extra = h_step
     for batch in (int(b) for b in args.h_batches.split(",")):
       if clock.left() - keep("train_h") < 45:
@@ -332,7 +330,7 @@ def main() -> None:
                        timeout=clock.left() - keep("train_h"),
                        env={"XLA_PYTHON_CLIENT_PREALLOCATE": "true",
                             "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"})
-      report.add("train_h", row)
+      report.append("train_h", row)
       if "error" not in row or "timed out" in row["error"]:
         break
 
@@ -367,9 +365,10 @@ def to_markdown(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for r in report[key]:
       impl = r["impl"] + (f" {r['config']}" if "config" in r else "")
+      speedup = f"{r['speedup_vs_xla']:.2f}x" if "speedup_vs_xla" in r else ""  # not in sweep
       lines.append(f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['mode']} | {impl} | "
                    f"{r['seconds'] * 1e3:.3f} | {r['gbps']:.0f} | "
-                   f"{r.get('fraction_of_copy', 0):.0%} | {r.get('speedup_vs_xla', 0):.2f}x |")
+                   f"{r.get('fraction_of_copy', 0):.0%} | {speedup} |")
     lines.append("")
   if "tests" in report:
     lines += ["Kernel tests on the device:", "", "```", report["tests"]["tail"][-800:].strip(),

@@ -30,11 +30,11 @@ def get_config(variant: str | None = None) -> ConfigDict:
   cfg.checkpoint.update(every_steps=100, keep=2)
   cfg.log_every_steps = 10
   cfg.eval_every_steps = 200
+  if variant not in (None, "", "fsdp", "h"):
+    raise ValueError(f"unknown quickstart variant {variant!r}; choose '', 'fsdp' or 'h'")
   if variant in ("fsdp", "h"):
     cfg.mesh.update(data=1, fsdp=-1)
   if variant == "h":
     cfg.model.name = "internimage_h"  # its options, at the quickstart's size
     cfg.model.overrides.update(level2_post_norm_block_ids=(1,))
-  elif variant not in (None, "", "fsdp"):
-    raise ValueError(f"unknown quickstart variant {variant!r}; choose '', 'fsdp' or 'h'")
   return cfg
