@@ -1,8 +1,12 @@
 """Pure-JAX DCNv3 sampling: the XLA fallback and the reference for the kernels.
 
 The operator is a bilinear gather. Channels-last input ``[N, H, W, G*C]`` is viewed
-as a table of ``N*H*W*G`` rows of ``C`` channels (a free reshape), so every
-bilinear corner of every sampling point is one row index.
+as one table per image of ``H*W*G`` rows of ``C`` channels (a free reshape), so every
+bilinear corner of every sampling point is one row index into its own image's table.
+The gathers and scatters are batched over images (``vmap``: the batch is an operand
+batching dimension, not part of the row index), which lets XLA's SPMD partitioner
+split them over a batch-sharded mesh; a row index into a flat ``[N*H*W*G, C]`` table
+would make it all-gather the whole table and all-reduce its gradient on every device.
 
 Memory. Autodiff through the gather would keep the gathered corners (``4 * P``
 input-sized copies, 36x for a 3x3 kernel) alive until the backward pass. The
@@ -37,7 +41,7 @@ _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 class Corner(NamedTuple):
   """One bilinear neighbour of a set of sampling points (arrays of their shape)."""
 
-  index: jax.Array  # row of the ``[N*H*W*G, C]`` table (clamped in range)
+  index: jax.Array  # row of the table (clamped in range)
   inside: jax.Array  # whether the neighbour lies in the image
   weight: jax.Array  # bilinear weight, zero where the neighbour is outside the image
   dweight_dx: jax.Array  # d weight / d px
@@ -107,22 +111,29 @@ def bilinear_corners(
 
 def _table_corners(px: jax.Array, py: jax.Array, group: int, height: int, width: int
                    ) -> list[Corner]:
-  """``bilinear_corners`` for ``[N, Ho, Wo, G]`` positions of a whole batch."""
-  n = px.shape[0]
+  """``bilinear_corners`` for ``[N, Ho, Wo, G]`` positions: rows of each image's table."""
   return bilinear_corners(
-      px, py, batch=jnp.arange(n, dtype=jnp.int32).reshape(n, 1, 1, 1),
-      group_index=jnp.arange(group, dtype=jnp.int32), group=group, height=height, width=width)
+      px, py, batch=0, group_index=jnp.arange(group, dtype=jnp.int32), group=group,
+      height=height, width=width)
 
 
 def _as_table(x: jax.Array, group: int) -> jax.Array:
+  """``[N, H, W, G*C]`` -> per-image tables ``[N, H*W*G, C]``."""
   n, h, w, gc = x.shape
-  return x.reshape(n * h * w * group, gc // group)
+  return x.reshape(n, h * w * group, gc // group)
 
 
 def _gather(table: jax.Array, index: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """Rows ``index[n, ...]`` of image ``n``'s table, for every image."""
   # Indices are clamped in range by construction; "promise_in_bounds" lets XLA drop
   # its own bounds handling from the fused gather.
-  return table.at[index].get(mode="promise_in_bounds").astype(dtype)
+  return jax.vmap(lambda t, i: t.at[i].get(mode="promise_in_bounds"))(table, index).astype(dtype)
+
+
+def _scatter_add(table: jax.Array, index: jax.Array, updates: jax.Array) -> jax.Array:
+  """Adds ``updates[n, ...]`` to rows ``index[n, ...]`` of image ``n``'s table."""
+  return jax.vmap(lambda t, i, u: t.at[i].add(u, mode="promise_in_bounds"))(
+      table, index, updates)
 
 
 # Rows gathered per corner per loop step that keep the working set cache-sized: the
@@ -220,13 +231,12 @@ def _backward_chunk(
         grad_pos, jnp.stack([m_p * g_x, m_p * g_y]), point, axis=0)
     # One scatter for the four corners (it shares the row indices with the gather).
     weights = jnp.stack([m_p * k.weight for k in corners], -1)
-    grad_table = grad_table.at[rows].add(
-        weights[..., None] * gout[..., None, :], mode="promise_in_bounds")
+    grad_table = _scatter_add(grad_table, rows, weights[..., None] * gout[..., None, :])
     return grad_table, grad_pos, grad_mask
 
   # Point-major gradient buffers: each point writes one contiguous slab.
   grad_table, grad_pos, grad_mask = jax.lax.fori_loop(0, p, accumulate, (
-      jnp.zeros((n * h * w * g, c), cdt),
+      jnp.zeros((n, h * w * g, c), cdt),
       jnp.zeros((p, 2, n, ho, wo, g), cdt),
       jnp.zeros((p, n, ho, wo, g), cdt),
   ))
