@@ -33,7 +33,7 @@ def _loss_and_grads(name, options, **kw):
   model = models.create(name, num_classes=10, drop_path_rate=0.3, param_dtype=jnp.float64,
                         rngs=nnx.Rngs(0), **options, **kw)
   model.train()
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 64, 64, 3)), jnp.float64)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float64)
   loss_fn = lambda m: jnp.sum(m(x) ** 2)
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   again = loss_fn(model)  # the RNG counts moved as in the unrolled model
@@ -49,7 +49,7 @@ def test_scanned_levels_equal_unrolled_blocks(name, options):
   with precision(np.float64):
     ref = _loss_and_grads(name, options, remat="none", scan_blocks=False)
     scale = max(float(jnp.max(jnp.abs(g))) for g in ref[2])
-    for remat, scan in [("none", True), ("block", True), ("block", False), ("dots", True)]:
+    for remat, scan in [("none", True), ("block", True), ("block", False)]:
       got = _loss_and_grads(name, options, remat=remat, scan_blocks=scan)
       assert got[:2] == pytest.approx(ref[:2], rel=1e-12), (remat, scan)
       assert len(got[2]) == len(ref[2])
