@@ -169,9 +169,8 @@ class Level(nnx.Module, TorchNamed):
   optimizer state are the same either way): one block is compiled per level instead
   of ``depth``, and with ``remat`` each block's recomputation happens inside the
   backward loop, where XLA cannot schedule all of them ahead of the backward pass as
-  it does with unrolled blocks. Level-2 post-norms (every 6 blocks in H and G) split
-  the level into segments; equal segments each followed by a post-norm run as an
-  outer scan over ``(segment, post-norm)`` groups.
+  it does with unrolled blocks. Level-2 post-norms (every 6 blocks in H and G) are a
+  per-step flag with the norm's parameters (``lax.cond``), so each level is one scan.
   """
 
   torch_names: ClassVar[dict[str, str]] = {"norm": "norm.0", "post_norms": "post_norms.{}.0"}
@@ -253,84 +252,51 @@ class Level(nnx.Module, TorchNamed):
     params, rest = nnx.split_state(stacked, nnx.Param, ...)
     return nnx.merge_state(jax.tree.map(place, params), rest)
 
-  def segments(self) -> list[tuple[int, int, int | None]]:
-    """``(first block, end, post-norm index or None)``: the blocks between post-norms."""
-    out, start = [], 0
-    for i in sorted(self.post_norm_block_ids):
-      out.append((start, i + 1, self.post_norm_block_ids.index(i)))
-      start = i + 1
-    if start < len(self.blocks):
-      out.append((start, len(self.blocks), None))
-    return out
-
   def _scanned_blocks(self, x: jax.Array) -> jax.Array:
-    segments = self.segments()
-    # Runs of consecutive segments of one length, all with or all without a post-norm.
-    runs: list[list[tuple[int, int, int | None]]] = []
-    for seg in segments:
-      last = runs[-1][-1] if runs else None
-      if (last is not None and seg[1] - seg[0] == last[1] - last[0]
-          and (seg[2] is None) == (last[2] is None)):
-        runs[-1].append(seg)
-      else:
-        runs.append([seg])
-    for run in runs:
-      x = self._scan_run(x, run)
-    return x
-
-  def _scan_run(self, x: jax.Array, run: list[tuple[int, int, int | None]]) -> jax.Array:
-    groups, length = len(run), run[0][1] - run[0][0]
-    first, end = run[0][0], run[-1][1]
-    blocks = [self.blocks[i] for i in range(first, end)]
+    blocks = list(self.blocks)
     graphdef = nnx.graphdef(blocks[0])
     states = [nnx.state(b) for b in blocks]
     structure = jax.tree.structure(states[0])
     for i, state in enumerate(states):
       if jax.tree.structure(state) != structure:
-        raise ValueError(
-            f"scan_blocks: block {first + i} holds other state than block {first} "
-            f"({jax.tree.structure(state)} vs {structure})")
-    stacked = self._stack_params(states, (groups, length))
-    rates = np.asarray(self.drop_path_rates[first:end]).reshape(groups, length)
+        raise ValueError(f"scan_blocks: block {i} holds other state than block 0 "
+                         f"({jax.tree.structure(state)} vs {structure})")
+    depth = len(blocks)
+    stacked = self._stack_params(states, (depth,))
+    rates = np.asarray(self.drop_path_rates)
     use_rates = bool(np.any(rates > 0))
     # Keep probabilities rounded once from float64, as the unrolled blocks' Python floats.
     keeps = jnp.asarray(1.0 - rates, dtype=float)
-    has_post = run[0][2] is not None
-    if has_post:
-      posts = [self.post_norms[seg[2]] for seg in run]
-      post_def = nnx.graphdef(posts[0])
-      post_states = _stack([nnx.state(p) for p in posts], (groups,))
-    else:
-      post_def, post_states = None, jnp.zeros((groups,))
+    xs = (stacked, keeps)
+    if self.post_norm_block_ids:
+      # A level-2 post-norm after some blocks: every step carries a flag and a norm's
+      # parameters (zeros where the flag is off, and then unused).
+      post_def = nnx.graphdef(self.post_norms[0])
+      post_states = [nnx.state(p) for p in self.post_norms]
+      zeros = jax.tree.map(jnp.zeros_like, post_states[0])
+      post_of = {b: k for k, b in enumerate(self.post_norm_block_ids)}
+      xs += (jnp.asarray([i in post_of for i in range(depth)]),
+             _stack([post_states[post_of[i]] if i in post_of else zeros
+                     for i in range(depth)], (depth,)))
 
-    def block_fn(x, state, keep):
+    def step(x, xs_i):
+      state, keep = xs_i[:2]
       block = nnx.merge(graphdef, state)
       self._gather_params(block)
-      y = self._constrain(block(x, keep if use_rates else None))
-      return y, nnx.state(block, nnx.Not(nnx.Param))  # RNG counts
+      x = self._constrain(block(x, keep if use_rates else None))
+      if len(xs_i) > 2:
+        flag, post_state = xs_i[2:]
+        x = jax.lax.cond(flag, lambda x: nnx.merge(post_def, post_state)(x), lambda x: x, x)
+      return x, nnx.state(block, nnx.Not(nnx.Param))  # RNG counts
 
     if self.remat == "block":
-      # Only each block's (and each segment's) input is kept for the backward pass.
-      scan = scan_remat
+      x, rest = scan_remat(step, x, xs)  # keeps only each block's input
     else:
-      scan = jax.lax.scan
       if self.remat != "none":
-        block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[self.remat])
-
-    def segment(x, xs):
-      block_states, segment_keeps, post_state = xs
-      x, rest = scan(lambda x, a: block_fn(x, *a), x, (block_states, segment_keeps))
-      if has_post:
-        x = nnx.merge(post_def, post_state)(x)
-      return x, rest
-
-    if groups == 1:
-      x, rest = segment(x, jax.tree.map(lambda a: a[0], (stacked, keeps, post_states)))
-      rest = jax.tree.map(lambda a: a[None], rest)
-    else:
-      x, rest = scan(segment, x, (stacked, keeps, post_states))
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat])
+      x, rest = jax.lax.scan(step, x, xs)
     for i, block in enumerate(blocks):
-      nnx.update(block, jax.tree.map(lambda a: a[i // length, i % length], rest))
+      nnx.update(block, jax.tree.map(lambda a: a[i], rest))
     return x
 
 
