@@ -1,15 +1,27 @@
-"""One prepared command for a lent GPU: kernel tests, then kernel and model timings.
+"""One prepared command for a lent GPU: kernel tests, kernel timings, training steps.
 
-    python benchmarks/gpu_check.py --out "$OUT"          # on the GPU machine
-    python benchmarks/gpu_check.py --smoke --skip-tests  # tiny CPU run of the script itself
+    python benchmarks/gpu_check.py --out "$OUT" --budget 560 \
+        --stages correctness,operator,sweep,tests                      # one device call
+    python benchmarks/gpu_check.py --out "$OUT" --budget 560 --stages train_t,train_h
+    python benchmarks/gpu_check.py --smoke --out /tmp/gc          # tiny CPU run of the script
 
-1. Runs the operator test files on the device (``implementation="pallas"`` is the
-   compiled Triton kernel there).
-2. Times forward and forward+backward of the Pallas kernel and the XLA fallback at
-   the InternImage-T, -B and -H level shapes (T: batch 64 at 224 px), in float32 and
-   bfloat16: median time, achieved GB/s for the bytes the operator must move, that
-   as a fraction of the measured device-to-device copy bandwidth, and the speed-up.
-3. Times an InternImage-T training step with each implementation (benchmarks/model.py).
+Stages, in order of importance, each bounded by what is left of ``--budget`` seconds
+(a device lease is short), each result written to ``--out`` as soon as it exists:
+
+1. ``correctness``: the compiled Pallas kernel against the XLA fallback at real model
+   shapes (output and all three gradients; relative to the largest reference value).
+2. ``operator``: forward and forward+backward time of both implementations at the
+   InternImage-T level shapes (batch 64 at 224 px), float32 and bfloat16: median time,
+   achieved GB/s for the bytes the operator must move, that as a fraction of the
+   measured device-to-device copy bandwidth, and the speed-up over the fallback.
+3. ``sweep``: ``TritonConfig`` block sizes at the T level-1 shape.
+4. ``tests``: the operator test files on the device (``implementation="pallas"`` is
+   the compiled Triton kernel there).
+5. ``train_t``: an InternImage-T training step (batch 64, 224 px) with each
+   implementation (``benchmarks/model.py``).
+6. ``train_h``: an InternImage-H training step at 640 px, remat per block, bfloat16
+   compute, at the largest of ``--h-batches`` that runs; step time and peak memory.
+7. ``operator_large``: the B (batch 32) and H (batch 4, 640 px) level-1 shapes.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (a RESULTS.md section) to ``--out``.
 """
@@ -18,10 +30,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+# The stages that start their own processes need the GPU memory this one would
+# otherwise reserve up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,9 +51,24 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import machine, median_seconds  # noqa: E402
 from internimage_jax import ops  # noqa: E402
+from pallas_kernels.dcnv3 import DCNv3Params  # noqa: E402
+from pallas_kernels.dcnv3.config import TritonConfig  # noqa: E402
 from pallas_kernels.dcnv3.shapes import StageShape, stage_shapes  # noqa: E402
+from pallas_kernels.dcnv3.triton import dcnv3_triton  # noqa: E402
 
 IMPLS = ("pallas", "xla")
+SWEEP = (TritonConfig(32, 2), TritonConfig(64, 2), TritonConfig(64, 4), TritonConfig(128, 4),
+         TritonConfig(128, 8), TritonConfig(256, 8))
+
+
+class Clock:
+  """Seconds left of the whole run's budget."""
+
+  def __init__(self, budget: float):
+    self.deadline = time.monotonic() + budget
+
+  def left(self) -> float:
+    return self.deadline - time.monotonic()
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -55,100 +89,306 @@ def _arrays(shape: StageShape, dtype):
   return x, offset, mask.astype(dtype), grad_out
 
 
-def time_case(shape: StageShape, dtype, impl: str, mode: str, repeats: int) -> dict:
+def _op(shape: StageShape, impl: str, config: TritonConfig | None = None,
+        interpret: bool = False):
+  if config is not None:  # one launch configuration of the Triton kernel
+    params = DCNv3Params.create(group=shape.group, offset_scale=shape.offset_scale)
+    return lambda a, b, c: dcnv3_triton(a, b, c, params, config, interpret)
+  return lambda a, b, c: ops.dcnv3(a, b, c, group=shape.group, offset_scale=shape.offset_scale,
+                                   implementation=impl)
+
+
+def _fwd_bwd(op):
+  def run(a, b, c, g):
+    out, vjp = jax.vjp(op, a, b, c)
+    return out, *vjp(g)
+  return jax.jit(run)
+
+
+def check_case(shape: StageShape, dtype) -> dict:
+  """Compiled kernel vs fallback: max |got - want| / max |want| per output."""
+  args = _arrays(shape, dtype)
+  got, want = (_fwd_bwd(_op(shape, impl))(*args) for impl in IMPLS)
+  errors = {}
+  for name, a, b in zip(("out", "grad_x", "grad_offset", "grad_mask"), got, want):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    errors[name] = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+  tol = 1e-4 if dtype == jnp.float32 else 3e-2
+  return {"shape": shape.name, "batch": shape.batch, "dtype": jnp.dtype(dtype).name,
+          "rel_error": errors, "tolerance": tol, "ok": max(errors.values()) <= tol}
+
+
+def time_case(shape: StageShape, dtype, impl: str, mode: str, repeats: int,
+              config: TritonConfig | None = None, interpret: bool = False) -> dict:
   x, offset, mask, grad_out = _arrays(shape, dtype)
-  op = lambda a, b, c: ops.dcnv3(a, b, c, group=shape.group, offset_scale=shape.offset_scale,
-                                 implementation=impl)
+  op = _op(shape, impl, config, interpret)
   io = [x, offset, mask]
   if mode == "fwd":
     fn, args = jax.jit(op), (x, offset, mask)
     moved = sum(a.nbytes for a in io) + x.nbytes  # inputs read once, output written once
   else:
-    def fwd_bwd(a, b, c, g):
-      out, vjp = jax.vjp(op, a, b, c)
-      return out, vjp(g)
-    fn, args = jax.jit(fwd_bwd), (x, offset, mask, grad_out)
+    fn, args = _fwd_bwd(op), (x, offset, mask, grad_out)
     # forward: inputs + output; backward: inputs + grad_out read, three gradients written
     moved = 2 * (sum(a.nbytes for a in io) + x.nbytes) + sum(a.nbytes for a in io)
-  seconds = median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats, warmup=2)
-  return {"shape": shape.name, "batch": shape.batch, "size": shape.size,
-          "channels": shape.channels, "group": shape.group, "dtype": jnp.dtype(dtype).name,
-          "impl": impl, "mode": mode, "seconds": seconds, "bytes": moved,
-          "gbps": moved / seconds / 1e9}
+  # Several calls per sample, dispatched asynchronously: device time, not launch latency.
+  calls = 10
+
+  def sample():
+    for _ in range(calls):
+      result = fn(*args)
+    jax.block_until_ready(result)
+
+  seconds = median_seconds(sample, repeats, warmup=1) / calls
+  row = {"shape": shape.name, "batch": shape.batch, "size": shape.size,
+         "channels": shape.channels, "group": shape.group, "dtype": jnp.dtype(dtype).name,
+         "impl": impl, "mode": mode, "seconds": seconds, "bytes": moved,
+         "gbps": moved / seconds / 1e9}
+  if config is not None:
+    row["config"] = {"block_q": config.block_q, "num_warps": config.num_warps}
+  return row
 
 
-def model_step(impl: str, batch: int, image_size: int, extra: list[str]) -> dict:
-  proc = subprocess.run(
-      [sys.executable, str(REPO / "benchmarks" / "model.py"), "--model", "internimage_t",
-       "--batch", str(batch), "--image-size", str(image_size), "--implementation", impl,
-       "--repeats", "5", *extra], capture_output=True, text=True, check=False)
+def run_json(command: list[str], timeout: float, env: dict | None = None) -> dict:
+  """Runs a benchmark script that prints one JSON line last; errors become a row."""
+  try:
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                          timeout=max(timeout, 1), env={**os.environ, **(env or {})})
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s"}
   if proc.returncode:
-    return {"impl": impl, "error": proc.stderr[-2000:]}
+    return {"error": (proc.stderr or proc.stdout)[-1500:]}
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def model_step(model: str, impl: str, batch: int, image_size: int, extra: list[str],
+               timeout: float, env: dict | None = None) -> dict:
+  result = run_json(
+      [sys.executable, "benchmarks/model.py", "--model", model, "--batch", str(batch),
+       "--image-size", str(image_size), "--implementation", impl, "--repeats", "3",
+       "--train-only", *extra], timeout, env)
+  result.setdefault("model", model)
+  result.setdefault("implementation", impl)
+  result.setdefault("batch", batch)
+  return result
+
+
+class Report:
+  def __init__(self, out: Path, command: str):
+    self.out = out
+    self.data: dict = {"date": datetime.date.today().isoformat(), "machine": machine(),
+                       "command": command}
+
+  def set(self, key: str, value) -> None:
+    self.data[key] = value
+    self._saved(key, value)
+
+  def append(self, key: str, row) -> None:
+    self.data.setdefault(key, []).append(row)
+    self._saved(key, row)
+
+  def _saved(self, key: str, value) -> None:
+    print(json.dumps({key: value}), flush=True)
+    self.save()
+
+  def save(self) -> None:
+    (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=1))
+    (self.out / "gpu_check.md").write_text(to_markdown(self.data))
+
+
+STAGES = ("correctness", "operator", "sweep", "tests", "train_t", "train_h", "operator_large")
+# Rough seconds each stage needs on an H100; the budget is shared in these proportions.
+# Measured on an H100 (2026-11-26): the T train step needs over 75 s per implementation and
+# H over 200 s (compiles), so a 10-minute call holds either the kernel stages or the steps.
+STAGE_SECONDS = {"correctness": 30, "operator": 90, "sweep": 40, "tests": 150, "train_t": 240,
+                 "train_h": 300, "operator_large": 40}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=".", help="folder for gpu_check.json / .md")
+  parser.add_argument("--budget", type=float, default=560, help="seconds for all stages")
+  parser.add_argument("--stages", default=None,
+                      help=f"comma-separated subset of {','.join(STAGES)} (default: all; "
+                           "with --smoke all but tests)")
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--skip-tests", action="store_true")
+  parser.add_argument("--h-batches", default="16,8,4", help="per-device batches to try for H")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU run of the script)")
   args = parser.parse_args()
+  stages = (args.stages.split(",") if args.stages
+            else [s for s in STAGES if not (args.smoke and s == "tests")])
+  unknown = sorted(set(stages) - set(STAGES))
+  if unknown:
+    parser.error(f"unknown stages {unknown}; choose from {STAGES}")
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  report: dict = {"date": datetime.date.today().isoformat(), "machine": machine(),
-                  "command": " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]])}
-
-  if not args.skip_tests:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist",
-                           "tests/test_dcnv3_pallas.py", "tests/test_dcnv3_op.py"],
-                          cwd=REPO, capture_output=True, text=True, check=False)
-    report["tests"] = {"returncode": proc.returncode, "tail": proc.stdout[-3000:]}
-    print(proc.stdout[-1500:], flush=True)
+  clock = Clock(args.budget)
+  report = Report(out, " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]))
+  # Off a GPU (the smoke run) the explicit launch configurations run interpreted.
+  interpret = jax.default_backend() != "gpu"
 
   if args.smoke:
-    shapes = [StageShape("smoke/level3", 1, 4, 32, 2)]
-    dtypes, model_args = [jnp.float32], (1, 32, ["--options", json.dumps(
-        {"channels": 16, "depths": [1, 1, 1, 1], "groups": [1, 2, 4, 8]})])
+    level1 = [StageShape("smoke/level1", 2, 6, 32, 2)]
+    t_levels, large, dtypes, sweep = level1, level1, [jnp.float32], SWEEP[:1]
+    tiny = ["--options", json.dumps({"channels": 16, "depths": [1, 1, 1, 1],
+                                     "groups": [1, 2, 4, 8]})]
+    t_step, h_step = (1, 32, tiny), ("internimage_t", 32, tiny)
   else:
-    shapes = (stage_shapes("internimage_t", 64) + stage_shapes("internimage_b", 32)
-              + stage_shapes("internimage_h", 4))
-    dtypes, model_args = [jnp.float32, jnp.bfloat16], (64, 224, [])
-  bandwidth = copy_bandwidth(1 << 20 if args.smoke else 1 << 30)
-  report["copy_bandwidth_gbps"] = bandwidth / 1e9
-  rows = []
-  for shape in shapes:
+    t_levels = stage_shapes("internimage_t", 64)
+    large = [stage_shapes("internimage_b", 32)[0], stage_shapes("internimage_h", 4)[0]]
+    dtypes, sweep = [jnp.float32, jnp.bfloat16], SWEEP
+    t_step, h_step = (64, 224, []), ("internimage_h", 640, [])
+
+  kernel_ok = True
+  if "correctness" in stages:
+    for shape in (t_levels[0], large[0]):
+      for dtype in dtypes:
+        try:
+          row = check_case(shape, dtype)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile is a finding
+          row = {"shape": shape.name, "dtype": jnp.dtype(dtype).name, "ok": False,
+                 "error": f"{type(e).__name__}: {str(e)[-1500:]}"}
+        kernel_ok &= row["ok"]
+        report.append("correctness", row)
+
+  bandwidth = None
+  if {"operator", "sweep", "operator_large"} & set(stages):
+    bandwidth = copy_bandwidth(1 << 20 if args.smoke else 1 << 30)
+    report.set("copy_bandwidth_gbps", bandwidth / 1e9)
+
+  def operator(key: str, shapes: list[StageShape], keep: float) -> None:
+    """Times both implementations while more than ``keep`` seconds are left."""
+    for shape in shapes:
+      for dtype in dtypes:
+        for mode in ("fwd", "fwd_bwd"):
+          if clock.left() < keep:
+            return
+          try:
+            cases = {impl: time_case(shape, dtype, impl, mode, args.repeats) for impl in IMPLS}
+          except Exception as e:  # noqa: BLE001 - recorded, the other cases still run
+            report.append(f"{key}_errors", f"{shape.name} {jnp.dtype(dtype).name} {mode}: "
+                          f"{type(e).__name__}: {str(e)[-800:]}")
+            continue
+          for impl, r in cases.items():
+            r["fraction_of_copy"] = r["gbps"] * 1e9 / bandwidth
+            r["speedup_vs_xla"] = cases["xla"]["seconds"] / r["seconds"]
+            report.append(key, r)
+
+  # Each stage stops (between cases) where the later stages' share of the budget begins.
+  weights = {s: STAGE_SECONDS[s] for s in stages}
+  def keep(stage: str) -> float:
+    later = STAGES[STAGES.index(stage) + 1:]
+    return args.budget * sum(weights.get(s, 0) for s in later) / sum(weights.values())
+
+  if "operator" in stages:
+    operator("operator", t_levels, keep("operator"))
+
+  if "sweep" in stages:
     for dtype in dtypes:
       for mode in ("fwd", "fwd_bwd"):
-        cases = {impl: time_case(shape, dtype, impl, mode, args.repeats) for impl in IMPLS}
-        for impl, r in cases.items():
+        for config in sweep:
+          if clock.left() < keep("sweep"):
+            break
+          try:
+            r = time_case(t_levels[0], dtype, "pallas", mode, args.repeats, config, interpret)
+          except Exception as e:  # noqa: BLE001
+            report.append("sweep_errors",
+                          f"{config} {mode}: {type(e).__name__}: {str(e)[-800:]}")
+            continue
           r["fraction_of_copy"] = r["gbps"] * 1e9 / bandwidth
-          r["speedup_vs_xla"] = cases["xla"]["seconds"] / r["seconds"]
-          rows.append(r)
-          print(json.dumps(r), flush=True)
-  report["operator"] = rows
-  report["train_step"] = [model_step(impl, *model_args) for impl in IMPLS]
-  print(json.dumps(report["train_step"]), flush=True)
-  (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-  (out / "gpu_check.md").write_text(to_markdown(report))
+          report.append("sweep", r)
+
+  if "tests" in stages:
+    timeout = max(clock.left() - keep("tests"), 1)
+    try:
+      # One slow test (a Triton compile) must not hide the others' results.
+      per_test = (["--timeout", "60"] if importlib.util.find_spec("pytest_timeout") else [])
+      proc = subprocess.run(
+          [sys.executable, "-m", "pytest", "-q", "-rfE", "--durations=8", "-p",
+           "no:cacheprovider", "-p", "no:xdist", *per_test,
+           "tests/test_dcnv3_pallas.py", "tests/test_dcnv3_op.py"],
+          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+      report.set("tests", {"returncode": proc.returncode, "tail": proc.stdout[-4000:]})
+    except subprocess.TimeoutExpired as e:
+      tail = e.stdout or b""
+      tail = tail.decode() if isinstance(tail, bytes) else tail
+      report.set("tests", {"returncode": None, "error": f"timed out after {timeout:.0f} s",
+                           "tail": tail[-2500:]})
+
+  if "train_t" in stages:
+    for i, impl in enumerate(IMPLS):
+      share = (clock.left() - keep("train_t")) / (len(IMPLS) - i)
+      report.append("train_t", model_step("internimage_t", impl, *t_step, timeout=share))
+
+  if "train_h" in stages:
+    model, size, extra = h_step
+    for batch in (int(b) for b in args.h_batches.split(",")):
+      if clock.left() - keep("train_h") < 45:
+        break
+      # This stage runs alone on the device: its allocator may take most of the memory.
+      row = model_step(model, "pallas" if kernel_ok else "xla", batch, size,
+                       [*extra, "--remat", "block", "--dtype", "bfloat16"],
+                       timeout=clock.left() - keep("train_h"),
+                       env={"XLA_PYTHON_CLIENT_PREALLOCATE": "true",
+                            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"})
+      report.append("train_h", row)
+      if "error" not in row or "timed out" in row["error"]:
+        break
+
+  if "operator_large" in stages:
+    operator("operator_large", large, 10)
+  print(f"done with {clock.left():.0f} s of the budget left", flush=True)
 
 
 def to_markdown(report: dict) -> str:
-  lines = [f"## {report['date']} — DCNv3 Pallas kernels vs XLA fallback ({report['machine']['devices'][0]})",
-           "", f"Machine: {report['machine']}. Copy bandwidth "
-           f"{report['copy_bandwidth_gbps']:.0f} GB/s.", "", "```", report["command"], "```", "",
-           "| shape | batch | dtype | pass | impl | ms | GB/s | of copy | speed-up vs xla |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for r in report["operator"]:
-    lines.append(f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['mode']} | {r['impl']} | "
-                 f"{r['seconds'] * 1e3:.3f} | {r['gbps']:.0f} | {r['fraction_of_copy']:.0%} | "
-                 f"{r['speedup_vs_xla']:.2f}x |")
-  steps = {s.get("implementation", s.get("impl")): s for s in report["train_step"]}
-  if all("train_images_per_second" in s for s in steps.values()):
-    ratio = steps["pallas"]["train_images_per_second"] / steps["xla"]["train_images_per_second"]
-    lines += ["", "| InternImage-T train step | images/s |", "|---|---|"]
-    lines += [f"| {k} | {v['train_images_per_second']:.1f} |" for k, v in steps.items()]
-    lines += [f"| pallas / xla | {ratio:.2f}x |"]
+  devices = report["machine"]["devices"]
+  lines = [f"## {report['date']} — DCNv3 Pallas kernels vs XLA fallback ({devices[0]})",
+           "", f"Machine: {report['machine']}.", "", "```", report["command"], "```", ""]
+  if "copy_bandwidth_gbps" in report:
+    lines += [f"Device-to-device copy bandwidth: {report['copy_bandwidth_gbps']:.0f} GB/s.", ""]
+  if report.get("correctness"):
+    lines += ["| correctness: shape | dtype | out | grad_x | grad_offset | grad_mask | ok |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report["correctness"]:
+      if "error" in r:
+        lines.append(f"| {r['shape']} | {r['dtype']} | error: {r['error'].splitlines()[-1][:150]} "
+                     "| | | | False |")
+        continue
+      e = r["rel_error"]
+      lines.append(f"| {r['shape']} b{r['batch']} | {r['dtype']} | {e['out']:.1e} | "
+                   f"{e['grad_x']:.1e} | {e['grad_offset']:.1e} | {e['grad_mask']:.1e} | "
+                   f"{r['ok']} |")
+    lines.append("")
+  for key in ("operator", "operator_large", "sweep"):
+    if not report.get(key):
+      continue
+    lines += [f"| {key}: shape | batch | dtype | pass | impl | ms | GB/s | of copy | vs xla |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in report[key]:
+      impl = r["impl"] + (f" {r['config']}" if "config" in r else "")
+      speedup = f"{r['speedup_vs_xla']:.2f}x" if "speedup_vs_xla" in r else ""  # not in sweep
+      lines.append(f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['mode']} | {impl} | "
+                   f"{r['seconds'] * 1e3:.3f} | {r['gbps']:.0f} | "
+                   f"{r.get('fraction_of_copy', 0):.0%} | {speedup} |")
+    lines.append("")
+  if "tests" in report:
+    lines += ["Kernel tests on the device:", "", "```", report["tests"]["tail"][-800:].strip(),
+              "```", ""]
+  for key in ("train_t", "train_h"):
+    if not report.get(key):
+      continue
+    lines += [f"| {key}: model | impl | batch | images/s | step s | compile s | peak GiB |",
+              "|---|---|---|---|---|---|---|"]
+    for s in report[key]:
+      if "error" in s:
+        lines.append(f"| {s['model']} | {s['implementation']} | {s['batch']} | error: "
+                     f"{s['error'].strip().splitlines()[-1][:120]} | | | |")
+        continue
+      peak = s.get("peak_bytes_in_use")
+      lines.append(f"| {s['model']} | {s['implementation']} | {s['batch']} | "
+                   f"{s['train_images_per_second']:.1f} | {s['train_step_seconds']:.3f} | "
+                   f"{s['train_compile_seconds']:.0f} | "
+                   f"{'' if peak is None else f'{peak / 2**30:.1f}'} |")
+    lines.append("")
   return "\n".join(lines) + "\n"
 
 

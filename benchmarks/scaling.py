@@ -52,7 +52,7 @@ def main() -> None:
 
   cfg = base_config()
   cfg.model.name = args.model
-  cfg.model.overrides.remat = args.remat
+  cfg.model.remat = args.remat
   cfg.model.overrides.update(json.loads(args.options))
   cfg.data.image_size = args.image_size
   cfg.train.update(global_batch=args.per_device_batch * args.devices,

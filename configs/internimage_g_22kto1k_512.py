@@ -26,4 +26,5 @@ def get_config(variant: str | None = None) -> ConfigDict:
   fine_tune(cfg)
   cfg.train.global_batch = 512
   cfg.mesh.update(data=1, fsdp=-1)  # too large to replicate (the original used ZeRO)
+  cfg.model.remat = "block"  # activations of 50+ blocks at this resolution (docs/scaling.md)
   return apply_variants(cfg, variant)

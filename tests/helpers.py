@@ -11,7 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-GOLDEN_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "golden").resolve()
+# ../shared/golden beside the checkout; INTERNIMAGE_GOLDEN_DIR points elsewhere (e.g. a
+# copy carried to a machine where the checkout has no ../shared).
+GOLDEN_DIR = Path(os.environ.get("INTERNIMAGE_GOLDEN_DIR") or (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "golden")).resolve()
 
 # ../shared/golden/README.md: compare arrays whole, max|got - want| <= tol * max|want|.
 # The spec's parameter counts (1000 classes); checked in test_recipes on the abstract

@@ -21,6 +21,11 @@ from pallas_kernels.dcnv3.triton import dcnv3_triton
 from test_dcnv3_op import _golden_kwargs
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+# Lowering a Triton kernel asks for the target GPU; without one attached (CI), newer
+# JAX reads it from the abstract mesh's device. An H100, the card we benchmark on.
+CUDA_TARGET = jax.sharding.AbstractMesh(
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -96,20 +101,26 @@ def test_bfloat16_in_interpret_mode():
   assert_rel_close(out, want, 2e-2, "bf16")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_kernels_lower_for_cuda(dtype):
+@pytest.mark.parametrize("dtype,kwargs", [
+    (jnp.float32, {}), (jnp.bfloat16, {}),
+    # 24 points: the kernels loop over points instead of unrolling them.
+    (jnp.float32, dict(kernel_size=5, pad=2, dilation=(2, 1), remove_center=True)),
+], ids=["f32", "bf16", "f32-k5-looped"])
+def test_kernels_lower_for_cuda(dtype, kwargs):
   """Export for CUDA lowers both kernels to Triton without a GPU on this machine."""
   shape = stage_shapes("internimage_t", batch=2)[0]
   s, c, g = shape.size, shape.channels, shape.group
+  params = DCNv3Params.create(group=g, **kwargs)
+  p, (ho, wo) = params.num_points, params.output_size(s, s)
   args = (jax.ShapeDtypeStruct((2, s, s, c), dtype),
-          jax.ShapeDtypeStruct((2, s, s, g * 18), dtype),
-          jax.ShapeDtypeStruct((2, s, s, g * 9), dtype))
-  params = DCNv3Params.create(group=g)
+          jax.ShapeDtypeStruct((2, ho, wo, g * p * 2), dtype),
+          jax.ShapeDtypeStruct((2, ho, wo, g * p), dtype))
   op = lambda x, o, m: dcnv3_triton(x, o, m, params, TritonConfig(), False)
   loss = lambda x, o, m: jnp.sum(op(x, o, m).astype(jnp.float32))
   checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
   for fn, kernel in ((op, "dcnv3_forward"), (jax.grad(loss, argnums=(0, 1, 2)), "dcnv3_backward")):
-    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    with jax.sharding.use_abstract_mesh(CUDA_TARGET):
+      exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
     text = exported.mlir_module()
     assert exported.platforms == ("cuda",)
     assert TRITON_CALL in text and kernel in text
@@ -120,3 +131,16 @@ def test_kernels_lower_for_cuda(dtype):
 def test_config_validates(kwargs):
   with pytest.raises(ValueError, match="TritonConfig"):
     TritonConfig(**kwargs)
+
+
+def test_auto_picks_the_kernel_only_on_one_gpu(monkeypatch):
+  from pallas_kernels.dcnv3 import api
+
+  assert api._auto("cpu", jnp.float32) == "xla"
+  assert api._auto("tpu", jnp.float32) == "xla"
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert api._auto("gpu", jnp.float32) == "pallas_triton"
+  assert api._auto("gpu", jnp.bfloat16) == "pallas_triton"
+  assert api._auto("gpu", jnp.float64) == "xla"
+  monkeypatch.setattr(jax, "device_count", lambda: 8)  # custom calls do not partition
+  assert api._auto("gpu", jnp.float32) == "xla"

@@ -65,6 +65,11 @@ def test_config_errors_name_the_key():
     config_lib.validate(cfg)
   with pytest.raises(AttributeError):  # --config.x=v of a new key: refused by the lock
     load_config("internimage_t_1k_224").lock().train.lrr = 1.0
+  cfg = load_config("internimage_h_22kto1k_640")
+  assert cfg.model.remat == "block"
+  cfg.model.remat = "blocks"
+  with pytest.raises(ValueError, match="config.model.remat must be"):
+    config_lib.validate(cfg)
 
 
 def test_schedule_matches_the_recipe():

@@ -159,7 +159,8 @@ out = {}
 for name, mesh, remat in json.loads(sys.argv[1]):
     cfg = base_config()
     cfg.model.name = name
-    cfg.model.overrides.update(remat=remat, **SMALL[name])
+    cfg.model.remat = remat
+    cfg.model.overrides.update(SMALL[name])
     cfg.data.image_size = 128
     cfg.train.global_batch = 16
     cfg.mesh = type(cfg.mesh)({k: int(v) for k, v in (i.split("=") for i in mesh.split(","))})

@@ -25,6 +25,9 @@ def base_config() -> ConfigDict:
       name="internimage_t",
       # Any InternImage constructor option (channels, depths, drop_path_rate, ...).
       overrides=ConfigDict(dict(drop_path_rate=0.1)),
+      # Recompute each block in the backward pass: "none", "block" (keep only block
+      # inputs) or "dots" (also keep matmul outputs). Trades compute for activations.
+      remat="none",
   ))
   cfg.data = ConfigDict(dict(
       source="tfds",  # "tfds" (tfds.data_source), "folder" (dir/train/<class>/*), "digits"
@@ -112,6 +115,9 @@ def validate(cfg: ConfigDict) -> None:
     raise ValueError("unknown config key(s): " + ", ".join(unknown))
   if cfg.mode not in ("train", "eval"):
     raise ValueError(f"config.mode must be 'train' or 'eval', got {cfg.mode!r}")
+  if cfg.model.remat not in ("none", "block", "dots"):
+    raise ValueError(f"config.model.remat must be 'none', 'block' or 'dots', got "
+                     f"{cfg.model.remat!r}")
   if cfg.train.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.train.compute_dtype must be 'float32' or 'bfloat16', got "
                      f"{cfg.train.compute_dtype!r}")

@@ -135,7 +135,7 @@ class TrainProgram:
                          dtype=COMPUTE_DTYPES[cfg.train.compute_dtype],
                          activation_sharding=sharding.batch_sharding(self.mesh),
                          param_sharding=sharding.ParamSharding(self.mesh),
-                         **cfg.model.overrides.to_dict())
+                         remat=cfg.model.remat, **cfg.model.overrides.to_dict())
 
   def abstract_inputs(self, batch: int | None = None):
     """Shape-only ``(state, rng_state, images, labels)`` for lowering the train step."""

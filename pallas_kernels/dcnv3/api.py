@@ -44,6 +44,20 @@ def _check_shapes(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv
           f"{p} points, got {tuple(array.shape)}")
 
 
+def _auto(platform: str, dtype: jnp.dtype) -> str:
+  """What ``implementation="auto"`` runs.
+
+  The Triton kernels matched the fallback on an H100 at model shapes and beat it
+  (benchmarks/RESULTS.md), so a single GPU uses them. Several devices keep the
+  fallback: XLA cannot partition a kernel's custom call, so batch-sharded operands
+  would be gathered onto every device. TPUs keep it until the Mosaic kernels have
+  run on one, and float64 (a testing dtype) keeps it everywhere.
+  """
+  if platform == "gpu" and jax.device_count() == 1 and dtype != jnp.float64:
+    return "pallas_triton"
+  return "xla"
+
+
 def dcnv3(
     x: jax.Array,
     offset: jax.Array,
@@ -72,8 +86,8 @@ def dcnv3(
       ``"pallas"``, this platform's Pallas kernels: Triton on GPU, Mosaic on TPU, the
       Triton kernels in interpret mode on CPU; ``"pallas_triton"`` /
       ``"pallas_mosaic"``, one backend explicitly (on CPU in interpret mode, the way
-      both are tested without hardware); ``"auto"``, the XLA fallback until the
-      kernels have been checked on the device (``benchmarks/gpu_check.py``).
+      both are tested without hardware); ``"auto"``, the Triton kernels on a single
+      GPU for float32/bfloat16/float16, else the XLA fallback (see below).
 
   Returns:
     ``[N, Ho, Wo, group * C]`` in the dtype of ``x``; accumulation is float32 for
@@ -87,9 +101,11 @@ def dcnv3(
       offset_scale=offset_scale, remove_center=remove_center)
   x, offset, mask = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(mask)
   _check_shapes(x, offset, mask, params)
-  if implementation in ("auto", "xla"):
-    return dcnv3_xla(x, offset, mask, params)
   platform = jax.default_backend()
+  if implementation == "auto":
+    implementation = _auto(platform, x.dtype)
+  if implementation == "xla":
+    return dcnv3_xla(x, offset, mask, params)
   if implementation == "pallas":
     implementation = "pallas_mosaic" if platform == "tpu" else "pallas_triton"
   backend = "triton" if implementation == "pallas_triton" else "mosaic"

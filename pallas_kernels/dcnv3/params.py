@@ -93,15 +93,20 @@ class DCNv3Params:
     wo = (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
     return ho, wo
 
-  def kernel_grid(self) -> list[tuple[int, int]]:
-    """Fixed ``(dx, dy)`` of each point relative to the centre, in point order.
+  def grid_offset(self, point):
+    """Fixed ``(dx, dy)`` of sampling point ``point`` relative to the centre.
 
     Points are enumerated x-outer, y-inner (``p = ix * kh + iy``), the original's
-    order; with ``remove_center`` the middle point is dropped.
+    order; with ``remove_center`` the middle point is skipped. ``point`` is a Python
+    int or an integer array (a loop index inside a kernel).
     """
     (kh, kw), (dh, dw) = self.kernel, self.dilation
-    half_w, half_h = (dw * (kw - 1)) // 2, (dh * (kh - 1)) // 2
-    points = [(ix * dw - half_w, iy * dh - half_h) for ix in range(kw) for iy in range(kh)]
+    k = point
     if self.remove_center:
-      del points[(kh * kw - 1) // 2]
-    return points
+      after = point >= (kh * kw - 1) // 2  # past the centre: skip one
+      k = point + (after.astype(point.dtype) if hasattr(after, "astype") else int(after))
+    return (k // kh) * dw - (dw * (kw - 1)) // 2, (k % kh) * dh - (dh * (kh - 1)) // 2
+
+  def kernel_grid(self) -> list[tuple[int, int]]:
+    """``grid_offset`` of every point, in point order."""
+    return [self.grid_offset(p) for p in range(self.num_points)]

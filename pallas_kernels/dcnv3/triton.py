@@ -51,7 +51,21 @@ class _Geometry:
     self.sh, self.sw = sh, sw
     self.base_x = (dw * (kw - 1)) // 2 - pw
     self.base_y = (dh * (kh - 1)) // 2 - ph
-    self.grid = params.kernel_grid()  # [(dx, dy)] per point
+
+
+# Official models use 3x3 kernels (9 points): the loop over points is unrolled. Larger
+# kernels loop instead: Triton's compile time grows steeply with the unrolled body
+# (a 5x5 kernel's backward did not compile within 100 s on an H100).
+_MAX_UNROLLED_POINTS = 9
+
+
+def _for_each_point(geo: _Geometry, body, carry):
+  """``carry = body(p, carry)`` over the points: unrolled (static ``p``) or a loop."""
+  if geo.p <= _MAX_UNROLLED_POINTS:
+    for p in range(geo.p):
+      carry = body(p, carry)
+    return carry
+  return jax.lax.fori_loop(0, geo.p, body, carry)
 
 
 def _query_centres(q, geo: _Geometry, dtype):
@@ -80,10 +94,10 @@ def _corners(px, py, n, g, geo: _Geometry) -> list[Corner]:
 
 def _positions(off_ref, q, live, p, cx, cy, geo: _Geometry, dtype):
   s = geo.params.offset_scale
-  gx, gy = geo.grid[p]
+  gx, gy = geo.params.grid_offset(p)  # static p, or traced inside a loop
   ox = plgpu.load(off_ref.at[q, 2 * p], mask=live, other=0.0).astype(dtype)
   oy = plgpu.load(off_ref.at[q, 2 * p + 1], mask=live, other=0.0).astype(dtype)
-  return cx + s * gx + s * ox, cy + s * gy + s * oy
+  return (cx + s * jnp.asarray(gx, dtype) + s * ox, cy + s * jnp.asarray(gy, dtype) + s * oy)
 
 
 def _forward_kernel(x_ref, off_ref, mask_ref, out_ref, *, geo: _Geometry, block_q: int, acc_dtype):
@@ -92,14 +106,17 @@ def _forward_kernel(x_ref, off_ref, mask_ref, out_ref, *, geo: _Geometry, block_
   ch = jnp.arange(geo.cp)
   ch_live = ch < geo.c
   n, g, cx, cy = _query_centres(q, geo, acc_dtype)
-  acc = jnp.zeros((block_q, geo.cp), acc_dtype)
-  for p in range(geo.p):
+
+  def point(p, acc):
     px, py = _positions(off_ref, q, live, p, cx, cy, geo, acc_dtype)
     m = plgpu.load(mask_ref.at[q, p], mask=live, other=0.0).astype(acc_dtype)
     for k in _corners(px, py, n, g, geo):
       value = plgpu.load(x_ref.at[k.index[:, None], ch[None, :]],
                          mask=(k.inside & live)[:, None] & ch_live[None, :], other=0.0)
       acc += (m * k.weight)[:, None] * value.astype(acc_dtype)
+    return acc
+
+  acc = _for_each_point(geo, point, jnp.zeros((block_q, geo.cp), acc_dtype))
   plgpu.store(out_ref.at[q[:, None], ch[None, :]], acc.astype(out_ref.dtype),
               mask=live[:, None] & ch_live[None, :])
 
@@ -115,7 +132,8 @@ def _backward_kernel(x_ref, off_ref, mask_ref, gout_ref, gx_init_ref,
   n, g, cx, cy = _query_centres(q, geo, acc_dtype)
   gout = plgpu.load(gout_ref.at[q[:, None], ch[None, :]], mask=both, other=0.0).astype(acc_dtype)
   s = geo.params.offset_scale
-  for p in range(geo.p):
+
+  def point(p, carry):
     px, py = _positions(off_ref, q, live, p, cx, cy, geo, acc_dtype)
     m = plgpu.load(mask_ref.at[q, p], mask=live, other=0.0).astype(acc_dtype)
     g_mask = g_x = g_y = jnp.zeros((block_q,), acc_dtype)
@@ -132,6 +150,9 @@ def _backward_kernel(x_ref, off_ref, mask_ref, gout_ref, gx_init_ref,
     plgpu.store(gmask_ref.at[q, p], g_mask.astype(gmask_ref.dtype), mask=live)
     plgpu.store(goff_ref.at[q, 2 * p], (s * m * g_x).astype(goff_ref.dtype), mask=live)
     plgpu.store(goff_ref.at[q, 2 * p + 1], (s * m * g_y).astype(goff_ref.dtype), mask=live)
+    return carry
+
+  _for_each_point(geo, point, ())
 
 
 def _table(x: jax.Array, geo: _Geometry) -> jax.Array:
