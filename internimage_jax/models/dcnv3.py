@@ -82,7 +82,8 @@ class DCNv3(nnx.Module, TorchNamed):
     if self.center_feature_scale:
       weight = self.center_feature_scale_proj_weight[...].astype(d.dtype)
       bias = self.center_feature_scale_proj_bias[...].astype(d.dtype)
-      alpha = jax.nn.sigmoid(d @ weight.T + bias)  # [N, H, W, G]
-      alpha = jnp.repeat(alpha, self.channels // self.group, axis=-1)
-      y = y * (1 - alpha) + v * alpha
+      alpha = jax.nn.sigmoid(d @ weight.T + bias)[..., None]  # [N, H, W, G, 1]
+      # Each group's channels share their alpha (a broadcast, not a repeated copy).
+      shape = (n, h, w, self.group, self.channels // self.group)
+      y = (y.reshape(shape) * (1 - alpha) + v.reshape(shape) * alpha).reshape(y.shape)
     return self.output_proj(y)

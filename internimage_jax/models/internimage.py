@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -12,7 +13,8 @@ from flax import nnx
 
 from internimage_jax.models.dcnv3 import DCNv3
 from internimage_jax.models.layers import (
-    MLP, BatchNorm2d, Dtype, DropPath, TorchNamed, conv, gelu, layer_norm, linear)
+    MLP, BatchNorm2d, Dtype, DropPath, TorchNamed, conv, gather_param, gelu, layer_norm, linear,
+    remat_call, scan_remat)
 
 # Fixed sizes of the H/G clip-projector head in the original.
 CLIP_PRETRAIN_DIM = 1024
@@ -63,9 +65,12 @@ class Block(nnx.Module, TorchNamed):
       post_norm: bool, layer_scale: float | None, offset_scale: float,
       dw_kernel_size: int | None, res_post_norm: bool, center_feature_scale: bool,
       remove_center: bool, implementation: str, dtype: Dtype, param_dtype: Dtype,
-      rngs: nnx.Rngs):
+      rngs: nnx.Rngs, always_drop_stream: bool = False, remat_branches: bool = False):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.post_norm = post_norm
+    # Rematerialise each residual branch on its own (inside a rematerialised block):
+    # the backward pass then holds one branch's intermediates at a time, not both.
+    self.remat_branches = remat_branches
     self.res_post_norm = res_post_norm
     self.norm1 = layer_norm(channels, **kw)
     self.dcn = DCNv3(channels=channels, group=group, kernel_size=3, dw_kernel_size=dw_kernel_size,
@@ -73,7 +78,7 @@ class Block(nnx.Module, TorchNamed):
                      remove_center=remove_center, implementation=implementation, **kw)
     self.norm2 = layer_norm(channels, **kw)
     self.mlp = MLP(channels, int(channels * mlp_ratio), drop=drop, **kw)
-    self.drop_path = DropPath(drop_path, rngs=rngs)
+    self.drop_path = DropPath(drop_path, rngs=rngs, always_stream=always_drop_stream)
     self.layer_scale = layer_scale is not None
     if self.layer_scale:
       self.gamma1 = nnx.Param(jnp.full((channels,), layer_scale, param_dtype))
@@ -82,23 +87,36 @@ class Block(nnx.Module, TorchNamed):
       self.res_post_norm1 = layer_norm(channels, **kw)
       self.res_post_norm2 = layer_norm(channels, **kw)
 
-  def _branch(self, x: jax.Array, fn, norm, res_post_norm, gamma) -> jax.Array:
-    """One residual branch in the variant's norm placement (spec section 3)."""
-    if self.post_norm:
-      y = norm(fn(x))
-    else:
-      y = fn(norm(x))
-      if self.res_post_norm:
-        y = res_post_norm(y)
-    if self.layer_scale:
-      y = gamma[...] * y
-    return x + self.drop_path(y)
+  def __call__(self, x: jax.Array, drop_path_keep: jax.Array | None = None) -> jax.Array:
+    """``drop_path_keep`` (traced, from a scanned level) replaces ``1 - drop_path``."""
+    branch = functools.partial(_residual_branch, post_norm=self.post_norm,
+                               res_post_norm=self.res_post_norm)
+    for i, fn, norm in ((1, self.dcn, self.norm1), (2, self.mlp, self.norm2)):
+      modules = (fn, norm, getattr(self, f"res_post_norm{i}", None), self.drop_path)
+      gamma = getattr(self, f"gamma{i}")[...] if self.layer_scale else None
+      if self.remat_branches:
+        # Only this branch's parameters are inputs: the other's get no zero gradient.
+        x = remat_call(branch, modules, x, gamma, drop_path_keep)
+      else:
+        x = branch(modules, x, gamma, drop_path_keep)
+    return x
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = self._branch(x, self.dcn, self.norm1, getattr(self, "res_post_norm1", None),
-                     getattr(self, "gamma1", None))
-    return self._branch(x, self.mlp, self.norm2, getattr(self, "res_post_norm2", None),
-                        getattr(self, "gamma2", None))
+
+def _residual_branch(modules, x: jax.Array, gamma: jax.Array | None,
+                     drop_path_keep: jax.Array | None, *, post_norm: bool,
+                     res_post_norm: bool) -> jax.Array:
+  """One residual branch of a block in the variant's norm placement (spec section 3):
+  ``modules`` is ``(fn, norm, res_post_norm or None, drop_path)``."""
+  fn, norm, post, drop_path = modules
+  if post_norm:
+    y = norm(fn(x))
+  else:
+    y = fn(norm(x))
+    if res_post_norm:
+      y = post(y)
+  if gamma is not None:
+    y = gamma * y
+  return x + drop_path(y, drop_path_keep)
 
 
 # Rematerialisation of each block in the backward pass (``remat=`` of InternImage):
@@ -114,8 +132,46 @@ def _call_block(block: "Block", x: jax.Array) -> jax.Array:
   return block(x)
 
 
+def _stack(trees: Sequence, shape: tuple[int, ...]):
+  """Stacks identically structured pytrees leafwise into leading dims ``shape``."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*shape, *xs[0].shape), *trees)
+
+
+def _param_gatherer(param_sharding):
+  """``array -> array`` placing a parameter replicated for its use, its gradient back
+  in ``param_sharding(shape)`` (reduce-scattered): the FSDP all-gather at use, which
+  also keeps XLA from sharding activations by channel to meet a sharded kernel. None
+  without ``param_sharding``."""
+  if param_sharding is None:
+    return None
+
+  def gather(a):
+    split = param_sharding(a.shape)
+    return gather_param(a, jax.sharding.NamedSharding(split.mesh, jax.sharding.PartitionSpec()),
+                        split)
+
+  return gather
+
+
+def _level_tail(tail, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A level's norm, then its downsample (either may be ``None``)."""
+  norm, downsample = tail
+  if norm is not None:
+    x = norm(x)
+  return x, (downsample(x) if downsample is not None else x)
+
+
 class Level(nnx.Module, TorchNamed):
-  """A stage of blocks, its optional post-norms and final norm, then a downsample."""
+  """A stage of blocks, its optional post-norms and final norm, then a downsample.
+
+  With ``scan_blocks`` the blocks run as a ``lax.scan`` over their parameters stacked
+  on the fly (the parameters stay one module per block, so names, checkpoints and
+  optimizer state are the same either way): one block is compiled per level instead
+  of ``depth``, and with ``remat`` each block's recomputation happens inside the
+  backward loop, where XLA cannot schedule all of them ahead of the backward pass as
+  it does with unrolled blocks. Level-2 post-norms (every 6 blocks in H and G) are a
+  per-step flag with the norm's parameters (``lax.cond``), so each level is one scan.
+  """
 
   torch_names: ClassVar[dict[str, str]] = {"norm": "norm.0", "post_norms": "post_norms.{}.0"}
 
@@ -123,13 +179,20 @@ class Level(nnx.Module, TorchNamed):
       self, channels: int, depth: int, group: int, *, drop_path: Sequence[float],
       downsample: bool, post_norm: bool, center_feature_scale: bool,
       post_norm_block_ids: Sequence[int] | None, dtype: Dtype, param_dtype: Dtype,
-      rngs: nnx.Rngs, remat: str = "none", activation_sharding=None, **block_options):
+      rngs: nnx.Rngs, remat: str = "none", scan_blocks: bool = False,
+      activation_sharding=None, param_sharding=None, **block_options):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.remat = remat
+    self.scan_blocks = scan_blocks
     self.activation_sharding = activation_sharding
+    self.param_sharding = param_sharding
+    self.drop_path_rates = tuple(float(r) for r in drop_path[:depth])
+    # Scanned blocks must hold the same state: a rate-0 block keeps a stream too.
+    always_stream = scan_blocks and any(r > 0 for r in self.drop_path_rates)
     self.blocks = nnx.List([
         Block(channels, group, drop_path=drop_path[i], post_norm=post_norm,
-              center_feature_scale=center_feature_scale, **block_options, **kw)
+              center_feature_scale=center_feature_scale, always_drop_stream=always_stream,
+              remat_branches=remat == "block", **block_options, **kw)
         for i in range(depth)])
     # The original skips the level norm for post-norm models, except with
     # center_feature_scale (G is post-norm and keeps it).
@@ -142,19 +205,99 @@ class Level(nnx.Module, TorchNamed):
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Returns ``(features before downsampling, input of the next level)``."""
-    call = (_call_block if self.remat == "none"
-            else nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat]))
-    for i, block in enumerate(self.blocks):
-      x = call(block, x)
-      if self.activation_sharding is not None:
-        # Keep activations split over the batch: with parameters sharded (FSDP), XLA
-        # could otherwise reshard activations by channel instead of gathering weights.
-        x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
-      if i in self.post_norm_block_ids:
-        x = self.post_norms[self.post_norm_block_ids.index(i)](x)
-    if self.norm is not None:
-      x = self.norm(x)
-    return x, (self.downsample(x) if self.downsample is not None else x)
+    if self.scan_blocks:
+      x = self._scanned_blocks(x)
+    else:
+      if self.remat == "block":
+        call = lambda block, x: remat_call(_call_block, block, x)
+      elif self.remat == "none":
+        call = _call_block
+      else:
+        call = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
+      for i, block in enumerate(self.blocks):
+        x = self._constrain(call(block, x))
+        if i in self.post_norm_block_ids:
+          x = self.post_norms[self.post_norm_block_ids.index(i)](x)
+    return remat_call(_level_tail, (self.norm, self.downsample), x,
+                      remat=self.remat == "block",
+                      params=_param_gatherer(self.param_sharding))
+
+  def _constrain(self, x: jax.Array) -> jax.Array:
+    if self.activation_sharding is None:
+      return x
+    # Keep activations split over the batch: with parameters sharded (FSDP), XLA
+    # could otherwise reshard activations by channel instead of gathering weights.
+    return jax.lax.with_sharding_constraint(x, self.activation_sharding)
+
+  def _gather_params(self, module: nnx.Module) -> None:
+    """Replicates a scanned block's parameters (slices of the stacked ones) where it
+    runs: with FSDP each block gathers its own weights, one block at a time."""
+    gather = _param_gatherer(self.param_sharding)
+    if gather is not None:
+      nnx.update(module, jax.tree.map(gather, nnx.state(module, nnx.Param)))
+
+  def _stack_params(self, states: list, shape: tuple[int, ...]):
+    """The blocks' states stacked into leading dims ``shape``, parameters keeping the
+    placement of the unstacked ones (XLA would otherwise gather them whole)."""
+    stacked = _stack(states, shape)
+    if self.param_sharding is None:
+      return stacked
+
+    def place(a):
+      sharding = self.param_sharding(a.shape[len(shape):])
+      spec = (None,) * len(shape) + tuple(sharding.spec)
+      return jax.lax.with_sharding_constraint(
+          a, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec)))
+
+    params, rest = nnx.split_state(stacked, nnx.Param, ...)
+    return nnx.merge_state(jax.tree.map(place, params), rest)
+
+  def _scanned_blocks(self, x: jax.Array) -> jax.Array:
+    blocks = list(self.blocks)
+    graphdef = nnx.graphdef(blocks[0])
+    states = [nnx.state(b) for b in blocks]
+    structure = jax.tree.structure(states[0])
+    for i, state in enumerate(states):
+      if jax.tree.structure(state) != structure:
+        raise ValueError(f"scan_blocks: block {i} holds other state than block 0 "
+                         f"({jax.tree.structure(state)} vs {structure})")
+    depth = len(blocks)
+    stacked = self._stack_params(states, (depth,))
+    rates = np.asarray(self.drop_path_rates)
+    use_rates = bool(np.any(rates > 0))
+    # Keep probabilities rounded once from float64, as the unrolled blocks' Python floats.
+    keeps = jnp.asarray(1.0 - rates, dtype=float)
+    xs = (stacked, keeps)
+    if self.post_norm_block_ids:
+      # A level-2 post-norm after some blocks: every step carries a flag and a norm's
+      # parameters (zeros where the flag is off, and then unused).
+      post_def = nnx.graphdef(self.post_norms[0])
+      post_states = [nnx.state(p) for p in self.post_norms]
+      zeros = jax.tree.map(jnp.zeros_like, post_states[0])
+      post_of = {b: k for k, b in enumerate(self.post_norm_block_ids)}
+      xs += (jnp.asarray([i in post_of for i in range(depth)]),
+             _stack([post_states[post_of[i]] if i in post_of else zeros
+                     for i in range(depth)], (depth,)))
+
+    def step(x, xs_i):
+      state, keep = xs_i[:2]
+      block = nnx.merge(graphdef, state)
+      self._gather_params(block)
+      x = self._constrain(block(x, keep if use_rates else None))
+      if len(xs_i) > 2:
+        flag, post_state = xs_i[2:]
+        x = jax.lax.cond(flag, lambda x: nnx.merge(post_def, post_state)(x), lambda x: x, x)
+      return x, nnx.state(block, nnx.Not(nnx.Param))  # RNG counts
+
+    if self.remat == "block":
+      x, rest = scan_remat(step, x, xs)  # keeps only each block's input
+    else:
+      if self.remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat])
+      x, rest = jax.lax.scan(step, x, xs)
+    for i, block in enumerate(blocks):
+      nnx.update(block, jax.tree.map(lambda a: a[i], rest))
+    return x
 
 
 class CrossAttention(nnx.Module, TorchNamed):
@@ -218,14 +361,35 @@ def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
   return x.reshape(n, h * factor, w * factor, out_c)
 
 
+def _conv_pool(head, level3: jax.Array) -> jax.Array:
+  """The classification head up to the pooled embedding: conv 1x1, BN, GELU, mean."""
+  conv_head, head_norm = head
+  return jnp.mean(gelu(head_norm(conv_head(level3))), axis=(1, 2))
+
+
+def _clip_pool(head, level2: jax.Array, level3: jax.Array) -> jax.Array:
+  """The H/G head: level 3 upsampled onto level 2, attention pooling, norm."""
+  head_x4, head_x3, clip_projector, fc_norm = head
+  y = pixel_shuffle(head_x4(level3), 2) + head_x3(level2)
+  tokens = y.reshape(y.shape[0], -1, y.shape[-1])
+  return fc_norm(clip_projector(tokens))
+
+
 class InternImage(nnx.Module, TorchNamed):
   """InternImage on NHWC images; ``forward_features`` gives the four level outputs.
 
   A new model is in evaluation mode; ``model.train()`` turns on drop path, dropout
-  and batch statistics, ``model.eval()`` turns them off again. ``remat`` ("none",
-  "block", "dots") rematerialises each block in the backward pass;
+  and batch statistics, ``model.eval()`` turns them off again.
+
+  Training options. ``remat`` ("none", "block", "dots") rematerialises in the backward
+  pass: "block" keeps only each block's input (and the stem's), recomputing each
+  residual branch on its own; "dots" keeps matmul outputs too. ``scan_blocks`` runs
+  each level's blocks as a scan over their stacked parameters (same parameters,
+  names and results; one compiled block per level); ``None`` means on when training
+  is set up for it (``remat`` other than "none", or an ``activation_sharding``).
   ``activation_sharding`` (e.g. batch-sharded over a mesh) is imposed on every
-  block's output.
+  block's output; ``param_sharding`` (shape -> sharding, the FSDP placement of the
+  state) lets scanned blocks gather their parameters at use, one block at a time.
   """
 
   torch_names: ClassVar[dict[str, str]] = {
@@ -256,7 +420,9 @@ class InternImage(nnx.Module, TorchNamed):
       in_chans: int = 3,
       implementation: str = "auto",
       remat: str = "none",
+      scan_blocks: bool | None = None,
       activation_sharding: jax.sharding.Sharding | None = None,
+      param_sharding=None,
       dtype: Dtype = None,
       param_dtype: Dtype = jnp.float32,
       rngs: nnx.Rngs,
@@ -296,6 +462,8 @@ class InternImage(nnx.Module, TorchNamed):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.channels, self.depths, self.groups = channels, depths, groups
     self.in_chans = in_chans
+    self.remat = remat
+    self.param_sharding = param_sharding
     self.num_classes = num_classes
     self.use_clip_projector = use_clip_projector
     self.num_features = channels * 8
@@ -314,7 +482,9 @@ class InternImage(nnx.Module, TorchNamed):
             offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
             res_post_norm=res_post_norm, remove_center=remove_center,
             implementation=implementation, remat=remat,
-            activation_sharding=activation_sharding, **kw)
+            scan_blocks=(remat != "none" or activation_sharding is not None)
+            if scan_blocks is None else bool(scan_blocks),
+            activation_sharding=activation_sharding, param_sharding=param_sharding, **kw)
         for i in range(4)])
 
     if not use_clip_projector:
@@ -349,7 +519,10 @@ class InternImage(nnx.Module, TorchNamed):
   def forward_features(self, x: jax.Array) -> list[jax.Array]:
     """The four level outputs (NHWC, before each downsample) for dense heads."""
     self._check_input(x)
-    x = self.pos_drop(self.patch_embed(x))
+    # With remat the stem (at 1/2 resolution) keeps only its input for the backward.
+    x = remat_call(Stem.__call__, self.patch_embed, x, remat=self.remat != "none",
+                   params=_param_gatherer(self.param_sharding))
+    x = self.pos_drop(x)
     features = []
     for level in self.levels:
       feature, x = level(x)
@@ -360,13 +533,18 @@ class InternImage(nnx.Module, TorchNamed):
     """The pooled embedding that the classifier ``head`` reads."""
     features = self.forward_features(x)
     if not self.use_clip_projector:
-      y = gelu(self.head_norm(self.conv_head(features[3])))
-      return jnp.mean(y, axis=(1, 2))
-    y = pixel_shuffle(self.dcnv3_head_x4(features[3]), 2) + self.dcnv3_head_x3(features[2])
-    tokens = y.reshape(y.shape[0], -1, y.shape[-1])
-    return self.fc_norm(self.clip_projector(tokens))
+      head = (self.conv_head, self.head_norm)
+      pool, inputs = _conv_pool, (features[3],)
+    else:
+      head = (self.dcnv3_head_x4, self.dcnv3_head_x3, self.clip_projector, self.fc_norm)
+      pool, inputs = _clip_pool, (features[2], features[3])
+    return remat_call(pool, head, *inputs, remat=self.remat == "block",
+                      params=_param_gatherer(self.param_sharding))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Logits ``[N, num_classes]`` (the pooled embedding when ``num_classes == 0``)."""
     y = self.pre_logits(x)
-    return self.head(y) if self.head is not None else y
+    if self.head is None:
+      return y
+    return remat_call(nnx.Linear.__call__, self.head, y, remat=False,
+                      params=_param_gatherer(self.param_sharding))

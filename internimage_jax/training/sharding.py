@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -45,9 +46,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
-  """FSDP rule: shard the largest dimension divisible by the ``fsdp`` axis, else replicate."""
+  """FSDP rule: a matrix or kernel (two or more dimensions longer than 1) is split
+  along its largest dimension divisible by the ``fsdp`` axis; anything else (norm
+  scales, biases, scalars, or no divisible dimension) is replicated.
+
+  Vectors are a negligible share of the parameters, and a channel-sharded vector
+  invites XLA to shard the activations it scales by channel too.
+  """
   fsdp = mesh.shape.get("fsdp", 1)
-  if fsdp == 1 or not shape:
+  if fsdp == 1 or sum(d > 1 for d in shape) < 2:
     return P()
   for dim in np.argsort(shape)[::-1]:
     if shape[dim] % fsdp == 0 and shape[dim] >= fsdp:
@@ -55,6 +62,18 @@ def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
       spec[dim] = "fsdp"
       return P(*spec)
   return P()
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSharding:
+  """``param_spec`` as a function of a shape, for the model (``param_sharding=``):
+  scanned levels keep their stacked parameters, and the gradients of each block's
+  gathered parameters, split the way the state is."""
+
+  mesh: Mesh
+
+  def __call__(self, shape: tuple[int, ...]) -> NamedSharding:
+    return NamedSharding(self.mesh, param_spec(tuple(shape), self.mesh))
 
 
 def state_shardings(abstract_state, mesh: Mesh):

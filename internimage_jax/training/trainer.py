@@ -134,6 +134,7 @@ class TrainProgram:
                          rngs=nnx.Rngs(cfg.seed if seed is None else seed),
                          dtype=COMPUTE_DTYPES[cfg.train.compute_dtype],
                          activation_sharding=sharding.batch_sharding(self.mesh),
+                         param_sharding=sharding.ParamSharding(self.mesh),
                          remat=cfg.model.remat, **cfg.model.overrides.to_dict())
 
   def abstract_inputs(self, batch: int | None = None):

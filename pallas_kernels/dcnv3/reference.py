@@ -1,8 +1,12 @@
 """Pure-JAX DCNv3 sampling: the XLA fallback and the reference for the kernels.
 
 The operator is a bilinear gather. Channels-last input ``[N, H, W, G*C]`` is viewed
-as a table of ``N*H*W*G`` rows of ``C`` channels (a free reshape), so every
-bilinear corner of every sampling point is one row index.
+as one table per image of ``H*W*G`` rows of ``C`` channels (a free reshape), so every
+bilinear corner of every sampling point is one row index into its own image's table.
+The gathers and scatters are batched over images (``vmap``: the batch is an operand
+batching dimension, not part of the row index), which lets XLA's SPMD partitioner
+split them over a batch-sharded mesh; a row index into a flat ``[N*H*W*G, C]`` table
+would make it all-gather the whole table and all-reduce its gradient on every device.
 
 Memory. Autodiff through the gather would keep the gathered corners (``4 * P``
 input-sized copies, 36x for a 3x3 kernel) alive until the backward pass. The
@@ -37,7 +41,7 @@ _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 class Corner(NamedTuple):
   """One bilinear neighbour of a set of sampling points (arrays of their shape)."""
 
-  index: jax.Array  # row of the ``[N*H*W*G, C]`` table (clamped in range)
+  index: jax.Array  # row of the table (clamped in range)
   inside: jax.Array  # whether the neighbour lies in the image
   weight: jax.Array  # bilinear weight, zero where the neighbour is outside the image
   dweight_dx: jax.Array  # d weight / d px
@@ -59,17 +63,22 @@ def _centres(params: DCNv3Params, out_h: int, out_w: int) -> tuple[np.ndarray, n
 
 
 def _point_positions(
-    offset: jax.Array, point: jax.Array, params: DCNv3Params, dtype: jnp.dtype
+    offset: jax.Array, point: jax.Array, params: DCNv3Params, dtype: jnp.dtype,
+    row_start: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array]:
-  """``(px, py)`` of one (traced) point index, each ``[N, Ho, Wo, G]``."""
+  """``(px, py)`` of one (traced) point index, each ``[N, Ho, Wo, G]``; ``offset``
+  holds output rows ``row_start ...``."""
   n, ho, wo, _ = offset.shape
   g, s = params.group, params.offset_scale
   off = offset.reshape(n, ho, wo, g, params.num_points, 2)
   off = jax.lax.dynamic_index_in_dim(off, point, axis=4, keepdims=False).astype(dtype)
   grid = jnp.asarray(params.kernel_grid(), dtype=dtype)[point]  # (dx, dy)
   centre_x, centre_y = _centres(params, ho, wo)
+  centre_y = jnp.asarray(centre_y[:, None, None], dtype)
+  if not (isinstance(row_start, int) and row_start == 0):
+    centre_y = centre_y + (row_start * params.stride[0]).astype(dtype)
   px = jnp.asarray(centre_x[:, None], dtype) + s * grid[0] + s * off[..., 0]
-  py = jnp.asarray(centre_y[:, None, None], dtype) + s * grid[1] + s * off[..., 1]
+  py = centre_y + s * grid[1] + s * off[..., 1]
   return px, py
 
 
@@ -107,22 +116,29 @@ def bilinear_corners(
 
 def _table_corners(px: jax.Array, py: jax.Array, group: int, height: int, width: int
                    ) -> list[Corner]:
-  """``bilinear_corners`` for ``[N, Ho, Wo, G]`` positions of a whole batch."""
-  n = px.shape[0]
+  """``bilinear_corners`` for ``[N, Ho, Wo, G]`` positions: rows of each image's table."""
   return bilinear_corners(
-      px, py, batch=jnp.arange(n, dtype=jnp.int32).reshape(n, 1, 1, 1),
-      group_index=jnp.arange(group, dtype=jnp.int32), group=group, height=height, width=width)
+      px, py, batch=0, group_index=jnp.arange(group, dtype=jnp.int32), group=group,
+      height=height, width=width)
 
 
 def _as_table(x: jax.Array, group: int) -> jax.Array:
+  """``[N, H, W, G*C]`` -> per-image tables ``[N, H*W*G, C]``."""
   n, h, w, gc = x.shape
-  return x.reshape(n * h * w * group, gc // group)
+  return x.reshape(n, h * w * group, gc // group)
 
 
 def _gather(table: jax.Array, index: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """Rows ``index[n, ...]`` of image ``n``'s table, for every image."""
   # Indices are clamped in range by construction; "promise_in_bounds" lets XLA drop
   # its own bounds handling from the fused gather.
-  return table.at[index].get(mode="promise_in_bounds").astype(dtype)
+  return jax.vmap(lambda t, i: t.at[i].get(mode="promise_in_bounds"))(table, index).astype(dtype)
+
+
+def _scatter_add(table: jax.Array, index: jax.Array, updates: jax.Array) -> jax.Array:
+  """Adds ``updates[n, ...]`` to rows ``index[n, ...]`` of image ``n``'s table."""
+  return jax.vmap(lambda t, i, u: t.at[i].add(u, mode="promise_in_bounds"))(
+      table, index, updates)
 
 
 # Rows gathered per corner per loop step that keep the working set cache-sized: the
@@ -161,12 +177,68 @@ def _forward(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Para
                             params)
 
 
+# The backward pass gathers a point's four corners at once: two temporaries of 4x the
+# input (gathered values, scattered gradients). Without image chunks (several devices,
+# accelerators) and above this size, it runs over this many chunks of output rows.
+_ROW_CHUNK_BYTES = 64 * 2**20
+_ROW_CHUNKS = 4
+
+
+def row_chunks(batch: int, out_h: int, out_w: int, channels: int, itemsize: int) -> int:
+  """How many chunks of output rows the unchunked backward pass runs over."""
+  if batch * out_h * out_w * channels * itemsize * 4 <= _ROW_CHUNK_BYTES:
+    return 1
+  return max(d for d in range(1, _ROW_CHUNKS + 1) if out_h % d == 0)
+
+
 @functools.partial(jax.jit, static_argnames=("params",))
 def _backward(
     x: jax.Array, offset: jax.Array, mask: jax.Array, grad_out: jax.Array, params: DCNv3Params
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  return _over_image_chunks(functools.partial(_backward_chunk, params=params),
-                            (x, offset, mask, grad_out), params)
+  n, ho, wo, _ = offset.shape
+  if images_per_chunk(n, ho, wo, params.group) < n:
+    return _over_image_chunks(functools.partial(_backward_chunk, params=params),
+                              (x, offset, mask, grad_out), params)
+  k = row_chunks(n, ho, wo, x.shape[-1], jnp.dtype(compute_dtype(x.dtype)).itemsize)
+  if k == 1:
+    return _backward_chunk(x, offset, mask, grad_out, params)
+  # Chunks of output rows (the batch axis, which may be sharded, stays whole), sliced
+  # and written back in place: the gradients accumulate in buffers made up front.
+  rows = ho // k
+
+  def body(i, carry):
+    grad_table, grad_offset, grad_mask = carry
+    start = i * rows
+    chunk = [jax.lax.dynamic_slice_in_dim(a, start, rows, axis=1)
+             for a in (offset, mask, grad_out)]
+    grad_table, g_offset, g_mask = _backward_chunk(
+        x, *chunk, params, row_start=start, grad_table=grad_table)
+    return (grad_table,
+            jax.lax.dynamic_update_slice_in_dim(grad_offset, g_offset, start, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(grad_mask, g_mask, start, axis=1))
+
+  grad_table, grad_offset, grad_mask = jax.lax.fori_loop(0, k, body, (
+      _zero_table(x, params.group, grad_out), _zeros(offset.shape, offset.dtype, grad_out),
+      _zeros(mask.shape, mask.dtype, grad_out)))
+  return grad_table.reshape(x.shape).astype(x.dtype), grad_offset, grad_mask
+
+
+def _zeros(shape: tuple[int, ...], dtype, after: jax.Array) -> jax.Array:
+  """Zeros that XLA can neither hoist nor share between calls.
+
+  Constant zeros depend on nothing: XLA:CPU schedules such buffers early and merges
+  equal ones, so an accumulator would live from the start of a (rematerialised)
+  block, or from one call to the next. These depend, through a predicate that is
+  always false, on one element of ``after``.
+  """
+  s = after.reshape(-1)[0]
+  never = jnp.isnan(s) & (s == s)
+  return jnp.broadcast_to(jnp.where(never, 1, 0).astype(dtype), shape)
+
+
+def _zero_table(x: jax.Array, group: int, after: jax.Array) -> jax.Array:
+  n, h, w, gc = x.shape
+  return _zeros((n, h * w * group, gc // group), compute_dtype(x.dtype), after)
 
 
 def _forward_chunk(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv3Params
@@ -185,13 +257,17 @@ def _forward_chunk(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCN
       out = out + _gather(table, corner.index, cdt) * (m_p * corner.weight)[..., None]
     return out
 
-  out = jax.lax.fori_loop(0, p, accumulate, jnp.zeros((n, ho, wo, g, gc // g), cdt))
+  out = jax.lax.fori_loop(0, p, accumulate, _zeros((n, ho, wo, g, gc // g), cdt, offset))
   return out.reshape(n, ho, wo, gc).astype(x.dtype)
 
 
 def _backward_chunk(
-    x: jax.Array, offset: jax.Array, mask: jax.Array, grad_out: jax.Array, params: DCNv3Params
+    x: jax.Array, offset: jax.Array, mask: jax.Array, grad_out: jax.Array, params: DCNv3Params,
+    row_start: jax.Array | int = 0, grad_table: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Gradients of a chunk of images, or with ``row_start``, of a chunk of output rows;
+  with ``grad_table`` it accumulates the input gradient there and returns that table
+  (compute dtype) in place of the input gradient."""
   n, h, w, gc = x.shape
   g, p = params.group, params.num_points
   c = gc // g
@@ -203,7 +279,7 @@ def _backward_chunk(
 
   def accumulate(point, carry):
     grad_table, grad_pos, grad_mask = carry
-    px, py = _point_positions(offset, point, params, cdt)
+    px, py = _point_positions(offset, point, params, cdt, row_start)
     m_p = jax.lax.dynamic_index_in_dim(m, point, axis=4, keepdims=False).astype(cdt)
     corners = _table_corners(px, py, g, h, w)
     rows = jnp.stack([k.index for k in corners], -1)  # [N, Ho, Wo, G, 4]
@@ -220,22 +296,22 @@ def _backward_chunk(
         grad_pos, jnp.stack([m_p * g_x, m_p * g_y]), point, axis=0)
     # One scatter for the four corners (it shares the row indices with the gather).
     weights = jnp.stack([m_p * k.weight for k in corners], -1)
-    grad_table = grad_table.at[rows].add(
-        weights[..., None] * gout[..., None, :], mode="promise_in_bounds")
+    grad_table = _scatter_add(grad_table, rows, weights[..., None] * gout[..., None, :])
     return grad_table, grad_pos, grad_mask
 
   # Point-major gradient buffers: each point writes one contiguous slab.
+  accumulated = grad_table is not None
   grad_table, grad_pos, grad_mask = jax.lax.fori_loop(0, p, accumulate, (
-      jnp.zeros((n * h * w * g, c), cdt),
-      jnp.zeros((p, 2, n, ho, wo, g), cdt),
-      jnp.zeros((p, n, ho, wo, g), cdt),
+      grad_table if accumulated else _zero_table(x, g, grad_out),
+      _zeros((p, 2, n, ho, wo, g), cdt, grad_out),
+      _zeros((p, n, ho, wo, g), cdt, grad_out),
   ))
   grad_pos = jnp.moveaxis(grad_pos, (0, 1), (-2, -1))
   grad_mask = jnp.moveaxis(grad_mask, 0, -1)
   # d position / d offset = offset_scale.
   grad_offset = params.offset_scale * grad_pos
   return (
-      grad_table.reshape(x.shape).astype(x.dtype),
+      grad_table if accumulated else grad_table.reshape(x.shape).astype(x.dtype),
       grad_offset.reshape(offset.shape).astype(offset.dtype),
       grad_mask.reshape(mask.shape).astype(mask.dtype),
   )
