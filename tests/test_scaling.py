@@ -22,8 +22,8 @@ from internimage_jax.models.layers import DropPath, late_remat, remat_call, scan
 REPO = Path(__file__).resolve().parents[1]
 
 MINI_T = dict(channels=16, depths=(2, 1, 2, 1), groups=(1, 2, 4, 8))
-# H options with level-2 post-norms after blocks 2 and 5 of 8: two scanned groups of
-# (3 blocks, post-norm) and a tail of 2 blocks.
+# H options with level-2 post-norms after blocks 2 and 5 of 8: one scan over the 8
+# blocks, the post-norm switched on at steps 2 and 5.
 MINI_H = dict(channels=16, depths=(1, 1, 8, 1), groups=(2, 4, 8, 16), dw_kernel_size=5,
               res_post_norm=True, level2_post_norm=True, level2_post_norm_block_ids=(2, 5),
               center_feature_scale=True, use_clip_projector=True)

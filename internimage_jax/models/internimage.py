@@ -268,7 +268,8 @@ class Level(nnx.Module, TorchNamed):
     # Keep probabilities rounded once from float64, as the unrolled blocks' Python floats.
     keeps = jnp.asarray(1.0 - rates, dtype=float)
     xs = (stacked, keeps)
-    if self.post_norm_block_ids:
+    has_post = bool(self.post_norm_block_ids)
+    if has_post:
       # A level-2 post-norm after some blocks: every step carries a flag and a norm's
       # parameters (zeros where the flag is off, and then unused).
       post_def = nnx.graphdef(self.post_norms[0])
@@ -284,7 +285,7 @@ class Level(nnx.Module, TorchNamed):
       block = nnx.merge(graphdef, state)
       self._gather_params(block)
       x = self._constrain(block(x, keep if use_rates else None))
-      if len(xs_i) > 2:
+      if has_post:
         flag, post_state = xs_i[2:]
         x = jax.lax.cond(flag, lambda x: nnx.merge(post_def, post_state)(x), lambda x: x, x)
       return x, nnx.state(block, nnx.Not(nnx.Param))  # RNG counts
