@@ -59,6 +59,49 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
   return statistics.median(times)
 
 
+def train_config(model: str, image_size: int, global_batch: int, mesh: str, remat: str,
+                 compute_dtype: str, accum_steps: int = 1, ema: bool = True,
+                 options: dict | None = None):
+  """The config of ``train.py`` for a model and step shape (no data, nothing built)."""
+  from internimage_jax.training.config import base_config
+
+  cfg = base_config()
+  cfg.model.name = model
+  cfg.model.remat = remat
+  cfg.model.overrides.update(options or {})
+  cfg.data.image_size = image_size
+  cfg.train.update(global_batch=global_batch, accum_steps=accum_steps,
+                   compute_dtype=compute_dtype, ema_decay=0.9999 if ema else 0.0)
+  cfg.mesh = type(cfg.mesh)({k: int(v) for k, v in
+                             (item.split("=") for item in mesh.split(","))})
+  return cfg
+
+
+def tree_bytes(tree, per_device: bool = False) -> int:
+  """Bytes of an (abstract) array tree: whole, or one device's shards."""
+  import jax
+  import numpy as np
+
+  def size(x) -> int:
+    shape = x.sharding.shard_shape(x.shape) if per_device else x.shape
+    return int(np.prod(shape)) * x.dtype.itemsize
+
+  return sum(size(x) for x in jax.tree.leaves(tree))
+
+
+def memory_report(compiled) -> dict[str, int]:
+  """Per-device bytes of a compiled program by XLA's memory analysis ({} if none)."""
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return {}
+  return dict(
+      argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+      alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+      # Donated state is both argument and output: count it once.
+      total_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                   - memory.alias_size_in_bytes + memory.temp_size_in_bytes))
+
+
 def machine() -> dict[str, object]:
   import jax
 

@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_check.py --out "$OUT" --budget 560 \
         --stages correctness,operator,sweep,tests                      # one device call
-    python benchmarks/gpu_check.py --out "$OUT" --budget 560 --stages train_t,train_h
+    python benchmarks/gpu_check.py --out "$OUT" --budget 560 --stages train_t
+    python benchmarks/gpu_check.py --out "$OUT" --budget 560 --stages train_h  # alone
     python benchmarks/gpu_check.py --smoke --out /tmp/gc          # tiny CPU run of the script
 
 Stages, in order of importance, each bounded by what is left of ``--budget`` seconds
@@ -19,8 +20,9 @@ Stages, in order of importance, each bounded by what is left of ``--budget`` sec
    the compiled Triton kernel there).
 5. ``train_t``: an InternImage-T training step (batch 64, 224 px) with each
    implementation (``benchmarks/model.py``).
-6. ``train_h``: an InternImage-H training step at 640 px, remat per block, bfloat16
-   compute, at the largest of ``--h-batches`` that runs; step time and peak memory.
+6. ``train_h``: the full H training step of ``train.py`` at 640 px, remat per block,
+   bfloat16 compute: the search for the largest per-device batch that fits
+   (``benchmarks/train_step.py``), step time and peak memory of each batch tried.
 7. ``operator_large``: the B (batch 32) and H (batch 4, 640 px) level-1 shapes.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (a RESULTS.md section) to ``--out``.
@@ -197,10 +199,11 @@ class Report:
 
 STAGES = ("correctness", "operator", "sweep", "tests", "train_t", "train_h", "operator_large")
 # Rough seconds each stage needs on an H100; the budget is shared in these proportions.
-# Measured on an H100 (2026-11-26): the T train step needs over 75 s per implementation and
-# H over 200 s (compiles), so a 10-minute call holds either the kernel stages or the steps.
+# Measured on an H100: the T train step needs over 75 s per implementation (2026-11-26);
+# H at 640 px 101 s to initialise and 434 s to compile its step (2026-11-27), so it
+# needs a 10-minute call of its own and finds more than its first batch only in a second.
 STAGE_SECONDS = {"correctness": 30, "operator": 90, "sweep": 40, "tests": 150, "train_t": 240,
-                 "train_h": 300, "operator_large": 40}
+                 "train_h": 560, "operator_large": 40}
 
 
 def main() -> None:
@@ -211,7 +214,8 @@ def main() -> None:
                       help=f"comma-separated subset of {','.join(STAGES)} (default: all; "
                            "with --smoke all but tests)")
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--h-batches", default="16,8,4", help="per-device batches to try for H")
+  parser.add_argument("--h-start-batch", type=int, default=32,
+                      help="H images per device to start the search for the largest from")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU run of the script)")
   args = parser.parse_args()
   stages = (args.stages.split(",") if args.stages
@@ -231,7 +235,7 @@ def main() -> None:
     t_levels, large, dtypes, sweep = level1, level1, [jnp.float32], SWEEP[:1]
     tiny = ["--options", json.dumps({"channels": 16, "depths": [1, 1, 1, 1],
                                      "groups": [1, 2, 4, 8]})]
-    t_step, h_step = (1, 32, tiny), ("internimage_t", 32, tiny)
+    t_step, h_step = (1, 32, tiny), ("internimage_t", 32, [*tiny, "--limit-gib", "2"])
   else:
     t_levels = stage_shapes("internimage_t", 64)
     large = [stage_shapes("internimage_b", 32)[0], stage_shapes("internimage_h", 4)[0]]
@@ -321,22 +325,37 @@ def main() -> None:
 
   if "train_h" in stages:
     model, size, extra = h_step
-    for batch in (int(b) for b in args.h_batches.split(",")):
-      if clock.left() - keep("train_h") < 45:
-        break
-      # This stage runs alone on the device: its allocator may take most of the memory.
-      row = model_step(model, "pallas" if kernel_ok else "xla", batch, size,
-                       [*extra, "--remat", "block", "--dtype", "bfloat16"],
-                       timeout=clock.left() - keep("train_h"),
-                       env={"XLA_PYTHON_CLIENT_PREALLOCATE": "true",
-                            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"})
-      report.append("train_h", row)
-      if "error" not in row or "timed out" in row["error"]:
-        break
+    timeout = clock.left() - keep("train_h")
+    # This stage runs alone on the device: its allocator may take most of the memory.
+    # The model's "auto" implementation is the kernel on one GPU.
+    report.set("train_h", run_json(
+        [sys.executable, "benchmarks/train_step.py", "--model", model, "--image-size",
+         str(size), "--start-batch", str(args.h_start_batch), "--remat", "block",
+         "--compute-dtype", "bfloat16", "--budget", str(max(timeout - 20, 1)), *extra],
+        timeout, env={"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}))
 
   if "operator_large" in stages:
     operator("operator_large", large, 10)
   print(f"done with {clock.left():.0f} s of the budget left", flush=True)
+
+
+def _train_h_markdown(h: dict) -> list[str]:
+  """The H step's batch search (benchmarks/train_step.py's summary) as a table."""
+  if "error" in h:
+    return [f"train_h: error: {h['error'].strip().splitlines()[-1][:300]}", ""]
+  gib = lambda b: "" if b is None else f"{b / 2**30:.1f}"
+  lines = [f"train_h: {h['model']} at {h['image_size']} px, remat {h['remat']}, "
+           f"{h['compute_dtype']} compute, state {gib(h['state_bytes_per_device'])} GiB, "
+           f"allocator limit {gib(h['bytes_limit'])} GiB, init {h['init_s']} s.", "",
+           "| batch/device | compile s | step s | images/s | XLA total GiB | peak GiB | result |",
+           "|---|---|---|---|---|---|---|"]
+  for r in h["rows"]:
+    done = "error" not in r
+    step = f"{r['step_s']:.3f} | {r['images_per_s']:.1f}" if done else " | "
+    result = "ran" if done else r["error"].splitlines()[0][:120]
+    lines.append(f"| {r['batch_per_device']} | {r.get('compile_s', '')} | {step} | "
+                 f"{gib(r.get('total_bytes'))} | {gib(r.get('peak_bytes_in_use'))} | {result} |")
+  return lines + [""]
 
 
 def to_markdown(report: dict) -> str:
@@ -373,7 +392,9 @@ def to_markdown(report: dict) -> str:
   if "tests" in report:
     lines += ["Kernel tests on the device:", "", "```", report["tests"]["tail"][-800:].strip(),
               "```", ""]
-  for key in ("train_t", "train_h"):
+  if report.get("train_h"):
+    lines += _train_h_markdown(report["train_h"])
+  for key in ("train_t",):
     if not report.get(key):
       continue
     lines += [f"| {key}: model | impl | batch | images/s | step s | compile s | peak GiB |",

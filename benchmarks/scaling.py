@@ -47,23 +47,12 @@ def main() -> None:
                              + f" --xla_force_host_platform_device_count={args.devices}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  import jax
-  import numpy as np
-
-  from benchmarks.common import machine
-  from internimage_jax.training.config import base_config
+  from benchmarks.common import machine, memory_report, train_config, tree_bytes
   from internimage_jax.training.trainer import TrainProgram
 
-  cfg = base_config()
-  cfg.model.name = args.model
-  cfg.model.remat = args.remat
-  cfg.model.overrides.update(json.loads(args.options))
-  cfg.data.image_size = args.image_size
-  cfg.train.update(global_batch=args.per_device_batch * args.devices,
-                   accum_steps=args.accum_steps, compute_dtype=args.compute_dtype,
-                   ema_decay=0.0 if args.no_ema else 0.9999)
-  cfg.mesh = type(cfg.mesh)({k: int(v) for k, v in
-                             (item.split("=") for item in args.mesh.split(","))})
+  cfg = train_config(args.model, args.image_size, args.per_device_batch * args.devices,
+                     args.mesh, args.remat, args.compute_dtype, args.accum_steps,
+                     ema=not args.no_ema, options=json.loads(args.options))
   start = time.perf_counter()
   program = TrainProgram(cfg, num_classes=1000, steps_per_epoch=1000)
   build_s = time.perf_counter() - start
@@ -74,15 +63,7 @@ def main() -> None:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
 
-  def per_device_bytes(tree) -> int:
-    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                   for x in jax.tree.leaves(tree)))
-
-  def total_bytes(tree) -> int:
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
   state = program.abstract_state
-  memory = compiled.memory_analysis()
   report = {
       "model": args.model, "image_size": args.image_size,
       "per_device_batch": args.per_device_batch, "devices": args.devices,
@@ -90,21 +71,15 @@ def main() -> None:
       "compute_dtype": args.compute_dtype, "accum_steps": args.accum_steps,
       "options": json.loads(args.options),
       "ema": not args.no_ema,
-      "param_bytes_total": total_bytes(state["params"]),
-      "param_bytes_per_device": per_device_bytes(state["params"]),
-      "state_bytes_total": total_bytes(state),
-      "state_bytes_per_device": per_device_bytes(state),
+      "param_bytes_total": tree_bytes(state["params"]),
+      "param_bytes_per_device": tree_bytes(state["params"], per_device=True),
+      "state_bytes_total": tree_bytes(state),
+      "state_bytes_per_device": tree_bytes(state, per_device=True),
       "build_s": round(build_s, 1), "lower_s": round(lower_s, 1),
       "compile_s": round(compile_s, 1),
       "machine": machine(),
   }
-  if memory is not None:
-    report.update(
-        argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-        alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        # Donated state is both argument and output: count it once.
-        total_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                     - memory.alias_size_in_bytes + memory.temp_size_in_bytes))
+  report.update(memory_report(compiled))
   print(json.dumps(report))
 
 

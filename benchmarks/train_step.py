@@ -1,0 +1,214 @@
+"""The train step of ``train.py`` on the real devices: the largest per-device batch that
+fits, its step time and peak memory.
+
+    python benchmarks/train_step.py --model internimage_h --image-size 640 \\
+        --remat block --compute-dtype bfloat16 --start-batch 32 --budget 480
+
+Builds the training program (augmentation, forward, backward, clipped AdamW with LR
+groups, EMA) for the local devices and initialises its sharded state. Then:
+
+1. compiles and times the step at ``--start-batch`` images per device;
+2. estimates the largest batch that fits the device's memory limit from that step's
+   peak: the state and the gradients are fixed, the rest taken as growing linearly
+   with the batch (other batch-independent temporaries count as per-image, so the
+   estimate errs low);
+3. compiles that batch, shrinks it while XLA's memory analysis of the compiled step
+   says it exceeds the limit, runs it, and steps down by 10% on an out-of-memory error;
+4. with time left in ``--budget``, tries ``--probe-step`` more images per device until
+   one fails: the last batch that ran is the largest found.
+
+Prints a JSON line per batch tried (compile seconds, memory analysis, median step
+seconds over ``--steps`` timed calls, images/s, the allocator's peak bytes) and a
+summary line last. Synthetic uint8 images (the step's augmentation normalises them).
+On a CPU (no allocator statistics) the limit is ``--limit-gib``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+# The default (75% of the card) would hide a quarter of it from the largest batch.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.common import machine, median_seconds, memory_report, train_config, tree_bytes  # noqa: E402
+from internimage_jax.training import sharding  # noqa: E402
+from internimage_jax.training.trainer import TrainProgram  # noqa: E402
+
+# Of the allocator's limit: room for the allocator's fragmentation and the inputs.
+SAFETY = 0.97
+
+
+def _parse() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="internimage_h")
+  parser.add_argument("--image-size", type=int, default=640)
+  parser.add_argument("--mesh", default="data=-1,fsdp=1", help="axis=size,... (-1: the rest)")
+  parser.add_argument("--remat", default="block", choices=["none", "block", "dots"])
+  parser.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  parser.add_argument("--options", default="{}", help="JSON overrides of the variant")
+  parser.add_argument("--start-batch", type=int, default=16, help="images per device")
+  parser.add_argument("--max-batch", type=int, default=1024, help="per device, at most")
+  parser.add_argument("--probe-step", type=int, default=0,
+                      help="images per device added per probe (0: a twentieth of the batch)")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per batch")
+  parser.add_argument("--budget", type=float, default=480, help="seconds for all of it")
+  parser.add_argument("--limit-gib", type=float, default=None,
+                      help="memory limit per device when the device reports none")
+  return parser.parse_args()
+
+
+class Bench:
+  """One program and state, stepped at several batch sizes."""
+
+  def __init__(self, args: argparse.Namespace):
+    self.args = args
+    self.devices = jax.device_count()
+    cfg = train_config(args.model, args.image_size, args.start_batch * self.devices,
+                       args.mesh, args.remat, args.compute_dtype,
+                       options=json.loads(args.options))
+    start = time.perf_counter()
+    self.program = TrainProgram(cfg, num_classes=1000, steps_per_epoch=1000)
+    self.ways = sharding.batch_size_of(self.program.mesh)
+    self.state_bytes = tree_bytes(self.program.abstract_state, per_device=True)
+    self.grad_bytes = tree_bytes(self.program.abstract_state["params"], per_device=True)
+    self.state, self.rng_state = jax.block_until_ready(self.program.init())
+    self.init_s = time.perf_counter() - start
+    stats = jax.local_devices()[0].memory_stats() or {}
+    self.limit = stats.get("bytes_limit") or (
+        int(args.limit_gib * 2**30) if args.limit_gib else None)
+    if self.limit is None:
+      raise SystemExit("the device reports no memory limit: pass --limit-gib")
+
+  def per_device(self, batch: int) -> int:
+    """``batch`` rounded down to what the mesh's data-parallel split allows."""
+    total = max(batch * self.devices // self.ways, 1) * self.ways
+    return total // self.devices
+
+  def compile(self, batch: int):
+    start = time.perf_counter()
+    compiled = self.program.train_step.lower(
+        *self.program.abstract_inputs(batch * self.devices)).compile()
+    return compiled, time.perf_counter() - start, memory_report(compiled)
+
+  def run(self, compiled, batch: int) -> tuple[float, float]:
+    """Median seconds of a step at ``batch`` per device, and the first step's loss."""
+    program = self.program
+    make = jax.jit(lambda key: (
+        jax.random.randint(key, (batch * self.devices, *(program.cfg.data.image_size,) * 2, 3),
+                           0, 256, dtype=jnp.int32).astype(jnp.uint8),
+        jax.random.randint(key, (batch * self.devices,), 0, program.num_classes)),
+        out_shardings=(program.batch_sharding, program.batch_sharding))
+    images, labels = make(jax.random.key(batch))
+    losses = []
+
+    def step():
+      self.state, metrics = compiled(self.state, self.rng_state, images, labels)
+      losses.append(metrics["loss"])
+      jax.block_until_ready(metrics)
+
+    seconds = median_seconds(step, self.args.steps, warmup=1)
+    return seconds, float(losses[0])
+
+  def recover(self) -> None:
+    """A failed step may have consumed the donated state: initialise a new one."""
+    if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
+      self.state, self.rng_state = jax.block_until_ready(self.program.init())
+
+  def peak(self) -> int | None:
+    return (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+  def fits(self, report: dict) -> bool:
+    return report.get("total_bytes", 0) <= SAFETY * self.limit
+
+  def attempt(self, batch: int) -> dict:
+    """Compile (shrinking while the analysis says it cannot fit) and run one batch."""
+    row: dict = {"batch_per_device": batch}
+    for _ in range(4):
+      compiled, compile_s, report = self.compile(batch)
+      row = {"batch_per_device": batch, "compile_s": round(compile_s, 1), **report}
+      if self.fits(report) or not report:
+        break
+      over = report["total_bytes"] - self.state_bytes
+      smaller = self.per_device(int(batch * (SAFETY * self.limit - self.state_bytes) / over))
+      row["error"] = f"memory analysis {report['total_bytes'] / 2**30:.1f} GiB over the limit"
+      print(json.dumps(row), flush=True)
+      if smaller < 1 or smaller >= batch:
+        return row
+      batch = smaller
+    else:
+      return row
+    try:
+      seconds, loss = self.run(compiled, batch)
+    except Exception as e:  # noqa: BLE001 (the allocator's error type differs by version)
+      row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+      self.recover()
+      return row
+    row.pop("error", None)
+    row.update(step_s=seconds, images_per_s=batch * self.devices / seconds, first_loss=loss,
+               peak_bytes_in_use=self.peak())
+    return row
+
+
+def main() -> None:
+  args = _parse()
+  clock = time.perf_counter()
+  left = lambda: args.budget - (time.perf_counter() - clock)
+  bench = Bench(args)
+  summary = {"model": args.model, "image_size": args.image_size, "remat": args.remat,
+             "compute_dtype": args.compute_dtype, "mesh": dict(bench.program.mesh.shape),
+             "devices": bench.devices, "state_bytes_per_device": bench.state_bytes,
+             "bytes_limit": bench.limit, "init_s": round(bench.init_s, 1),
+             "machine": machine(), "rows": []}
+
+  def record(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    summary["rows"].append(row)
+    if "error" not in row:
+      best = summary.get("largest")
+      if best is None or row["batch_per_device"] > best["batch_per_device"]:
+        summary["largest"] = row
+    return row
+
+  first = record(bench.attempt(bench.per_device(args.start_batch)))
+  while "error" in first and first["batch_per_device"] > 1 and left() > 0:
+    first = record(bench.attempt(bench.per_device(first["batch_per_device"] // 2)))
+  if "error" not in first:
+    # Step 2: the state and one gradient per parameter are fixed, the rest taken as
+    # linear in the batch (other batch-independent temporaries count as per-image).
+    used = first.get("peak_bytes_in_use") or first["total_bytes"]
+    fixed = bench.state_bytes + bench.grad_bytes
+    per_image = (used - fixed) / first["batch_per_device"]
+    batch = bench.per_device(min(args.max_batch, int((SAFETY * bench.limit - fixed) / per_image)))
+    first_s = first["compile_s"] + (args.steps + 1) * first["step_s"]
+    tried = {first["batch_per_device"]}
+    # Step 3, then step 4's probes, while one more attempt (as long as the first) fits.
+    while batch not in tried and batch >= 1 and left() > 1.2 * first_s:
+      tried.add(batch)
+      row = record(bench.attempt(batch))
+      largest = summary.get("largest", first)["batch_per_device"]
+      if "error" in row:
+        if largest > first["batch_per_device"]:
+          break  # a larger batch already ran: the one after it does not fit
+        batch = bench.per_device(int(row["batch_per_device"] * 0.9))
+      else:
+        batch = bench.per_device(min(args.max_batch, largest + (
+            args.probe_step or max(1, largest // 20))))
+        if batch <= largest:
+          break
+  summary["seconds"] = round(time.perf_counter() - clock, 1)
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  main()
