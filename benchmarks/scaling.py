@@ -12,7 +12,7 @@ per device of the parameters and of the whole train state.
 
 Expected for the command above (2-core AMD EPYC, jax 0.10.2, 2026-11-27): total
 17.15 GB (15.97 GiB) per device, of which 2.20 GB is the sharded state (17.43 GB in
-all), compiled in 60-90 s. docs/scaling.md has H and G over 8, 32 and 64 devices.
+all), compiled in 20-30 s. docs/scaling.md has H and G over 8, 32 and 64 devices.
 """
 
 from __future__ import annotations

@@ -89,13 +89,15 @@ def test_layer_decay_groups_follow_the_original():
   norm with the next level's first block; 0.1 more on the deformable offsets."""
   from internimage_jax import models
   from internimage_jax.convert import official_names
+  from internimage_jax.models.stacking import unstack_blocks
 
   depths = (2, 1, 3, 2)
   model = nnx.eval_shape(lambda: models.create("internimage_t", num_classes=5, channels=8,
                                                depths=depths, groups=(1, 2, 2, 4),
                                                center_feature_scale=True))
   cfg = load_config("internimage_l_22kto1k_384").train
-  mults = optim.lr_multipliers(model, cfg)
+  # One multiplier per block along the train state's stacked parameters.
+  mults = unstack_blocks(optim.lr_multipliers(model, cfg))
   names = official_names(model)
   by_name = {names[path]: float(var.get_value() if hasattr(var, "get_value") else var.value)
              for path, var in nnx.to_flat_state(mults)}

@@ -18,6 +18,7 @@ from flax import nnx
 from helpers import precision
 from internimage_jax import models
 from internimage_jax.models.layers import DropPath, late_remat, remat_call, scan_remat
+from internimage_jax.models.stacking import STACKED, stack_blocks, unstack_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +66,69 @@ def test_scan_option_keeps_parameters_and_names():
   assert jax.tree.structure(plain) == jax.tree.structure(scanned)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(scanned)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_block_stacking_round_trips_and_differentiates_as_one_concatenate():
+  """The train state's layout: one array per level and parameter kind (block axis
+  first), back to one per block unchanged; the gradient of the unstacking is one
+  concatenate (no padded full-size copy per block)."""
+  params = nnx.state(models.create("internimage_h", **MINI_H), nnx.Param)
+  stacked = stack_blocks(params)
+  kernel = stacked["levels"][2][STACKED]["mlp"]["fc1"]["kernel"]
+  assert kernel.shape == (8, 64, 256)  # 8 blocks of level-2 width 64, MLP ratio 4
+  assert "blocks" not in stacked["levels"][2] and STACKED not in params["levels"][2]
+  assert len(stacked["levels"][2]["post_norms"]) == 2  # the post-norms stay per norm
+  again = unstack_blocks(stacked)
+  assert jax.tree.structure(again) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  host = unstack_blocks(jax.tree.map(np.asarray, stacked))  # host arrays stay numpy
+  assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(host))
+
+  def loss(stacked):
+    return sum(jnp.sum(jnp.sin(a) * (i + 1))
+               for i, a in enumerate(jax.tree.leaves(unstack_blocks(stacked))))
+
+  grads = jax.grad(loss)(stacked)
+  want = jax.grad(lambda p: sum(jnp.sum(jnp.sin(a) * (i + 1))
+                                for i, a in enumerate(jax.tree.leaves(p))))(params)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(stack_blocks(want))):
+    np.testing.assert_array_equal(a, b)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(stacked))
+  assert " pad" not in jaxpr and "concatenate" in jaxpr
+
+  params["levels"][2]["blocks"].pop(3)  # a hole: an error that names the blocks
+  with pytest.raises(ValueError, match=r"missing in blocks \[3\]"):
+    stack_blocks(params)
+
+
+def test_train_state_size_does_not_grow_with_depth():
+  """Twice the blocks, the same number of state arrays (what the optimizer update, EMA
+  and gradient norm compile per); weight decay by the rank of one block's parameter."""
+  from internimage_jax.training import optim
+  from internimage_jax.training.config import base_config
+  from internimage_jax.training.trainer import TrainProgram
+
+  def program(depths):
+    cfg = base_config()
+    cfg.model.name = "internimage_h"
+    cfg.model.remat = "block"
+    cfg.model.overrides.update({**MINI_H, "depths": depths})
+    cfg.data.image_size = 32
+    cfg.train.update(global_batch=1, layer_decay=0.9)  # per-block LR multipliers too
+    cfg.mesh = type(cfg.mesh)({"data": 1})
+    return TrainProgram(cfg, num_classes=10, steps_per_epoch=10)
+
+  small, deep = program((1, 1, 8, 1)), program((2, 2, 16, 2))
+  arrays = lambda p: len(jax.tree.leaves(p.abstract_state))
+  elements = lambda p: sum(x.size for x in jax.tree.leaves(p.abstract_state["params"]))
+  assert arrays(small) == arrays(deep) and elements(deep) > elements(small)
+
+  mask = jax.tree.leaves(optim.decay_mask(small.abstract_state["params"]))
+  want = jax.tree.leaves(stack_blocks(optim.decay_mask(nnx.state(small.build_model(), nnx.Param)),
+                                      combine=lambda values: values[0]))
+  assert mask == want and any(mask) and not all(mask)
+
 
 
 def test_remat_helpers_match_plain_autodiff():
@@ -148,6 +212,8 @@ def test_dcnv3_row_chunked_backward_equals_whole(monkeypatch):
 # small models on 4 fake devices, reporting per-device temporaries and all-to-alls.
 _COMPILE = r"""
 import json, re, sys
+import jax
+from internimage_jax.models.stacking import is_stacked
 from internimage_jax.training.config import base_config
 from internimage_jax.training.trainer import TrainProgram
 SMALL = {
@@ -166,9 +232,14 @@ for name, mesh, remat in json.loads(sys.argv[1]):
     cfg.mesh = type(cfg.mesh)({k: int(v) for k, v in (i.split("=") for i in mesh.split(","))})
     program = TrainProgram(cfg, num_classes=10, steps_per_epoch=10)
     compiled = program.train_step.lower(*program.abstract_inputs()).compile()
+    stacked = [s.spec for path, s in jax.tree_util.tree_flatten_with_path(
+        program.state_shardings)[0] if is_stacked(path)]
     out[f"{name} {mesh} {remat}"] = {
         "temp": compiled.memory_analysis().temp_size_in_bytes,
-        "all_to_all": len(re.findall(r" all-to-all\(", compiled.as_text()))}
+        "all_to_all": len(re.findall(r" all-to-all\(", compiled.as_text())),
+        # Block-stacked state: the block axis never split, most stacks split elsewhere.
+        "stacked_block_axis_split": sum(len(p) > 0 and p[0] is not None for p in stacked),
+        "stacked_split": sum(any(a is not None for a in p) for p in stacked) / len(stacked)}
 print(json.dumps(out))
 """
 
@@ -192,6 +263,8 @@ def test_fsdp_keeps_activations_batch_sharded(compiled_steps):
   data = compiled_steps["internimage_h data=4,fsdp=1 block"]
   assert fsdp["all_to_all"] == 0, fsdp
   assert fsdp["temp"] < 1.3 * data["temp"], (fsdp, data)
+  # The block-stacked state is split like one block's parameters, block axis whole.
+  assert fsdp["stacked_block_axis_split"] == 0 and fsdp["stacked_split"] > 0.3, fsdp
 
 
 def test_block_remat_saves_memory_on_cpu(compiled_steps):

@@ -6,9 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from ml_collections import ConfigDict
+
+from internimage_jax.models.stacking import block_ndim, stack_blocks
 
 # Parameters whose LR gets ``dcn_lr_mul`` (matched in the official names, as the original).
 DCN_LR_KEYWORDS = ("offset", "center_feature_scale_proj")
@@ -33,8 +37,8 @@ def schedule(cfg: ConfigDict, global_batch: int, total_steps: int,
 
 def decay_mask(params):
   """Weight decay on matrices and convolution kernels, not on 1-D tensors (norms, biases,
-  layer scales)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  layer scales); a stacked block parameter by the rank of one block's."""
+  return jax.tree_util.tree_map_with_path(lambda path, p: block_ndim(path, p) > 1, params)
 
 
 def layer_decay_ratios(depths: Sequence[int], ratio: float) -> dict[str, float]:
@@ -63,8 +67,8 @@ def lr_multiplier(name: str, ratios: dict[str, float], dcn_lr_mul: float) -> flo
 
 
 def lr_multipliers(model: nnx.Module, cfg: ConfigDict):
-  """A tree like ``nnx.state(model, nnx.Param)`` of per-parameter LR multipliers, or
-  ``None`` when all are 1."""
+  """A tree like the train state's (block-stacked) parameters of per-parameter LR
+  multipliers (for a stacked parameter, one per block), or ``None`` when all are 1."""
   if not cfg.layer_decay and cfg.dcn_lr_mul == 1.0:
     return None
   from internimage_jax.convert import official_names
@@ -73,18 +77,24 @@ def lr_multipliers(model: nnx.Module, cfg: ConfigDict):
   names = official_names(model)
   # Same tree structure as the parameters (Variables included), with floats as values.
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return nnx.from_flat_state(
+  return stack_blocks(nnx.from_flat_state(
       [(path, var.replace(lr_multiplier(names[path], ratios, cfg.dcn_lr_mul)))
-       for path, var in flat])
+       for path, var in flat]), combine=lambda values: np.asarray(values, np.float64))
 
 
 def scale_by_tree(multipliers) -> optax.GradientTransformation:
   """Multiplies each update by a fixed per-parameter factor (LR groups without copies
   of the optimizer state, unlike ``optax.multi_transform``)."""
 
+  def scale(u, m):
+    # Per block along a stacked parameter's leading axis; in the update's dtype, as a
+    # Python float multiplier would be.
+    m = jnp.asarray(m, u.dtype)
+    return u * m.reshape(m.shape + (1,) * (u.ndim - m.ndim))
+
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+    return jax.tree.map(scale, updates, multipliers), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

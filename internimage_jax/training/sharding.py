@@ -11,6 +11,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from internimage_jax.models.stacking import is_stacked
+
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
 
 
@@ -77,9 +79,16 @@ class ParamSharding:
 
 
 def state_shardings(abstract_state, mesh: Mesh):
-  """NamedShardings for a pytree of arrays/ShapeDtypeStructs by the FSDP rule."""
-  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), mesh)),
-                      abstract_state)
+  """NamedShardings for a pytree of arrays/ShapeDtypeStructs by the FSDP rule; a
+  block-stacked leaf is split like one block's parameter, its block axis kept whole
+  (the placement the scanned level gives its stacked parameters)."""
+
+  def place(path, x) -> NamedSharding:
+    if is_stacked(path):
+      return NamedSharding(mesh, P(None, *param_spec(tuple(x.shape[1:]), mesh)))
+    return NamedSharding(mesh, param_spec(tuple(x.shape), mesh))
+
+  return jax.tree_util.tree_map_with_path(place, abstract_state)
 
 
 def global_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:

@@ -3,7 +3,9 @@
 ``TrainProgram`` is everything that depends only on the config (model, optimizer, mesh,
 sharded state, the jitted train and eval steps); ``Trainer`` adds data, checkpoints and
 metrics. State layout: ``{"params", "batch_stats", "opt_state", "step"[, "ema_params"]}``,
-placed by the FSDP rule over the mesh (``sharding.py``). The step is ``jax.jit`` with
+placed by the FSDP rule over the mesh (``sharding.py``); the blocks' parameters, their
+optimizer moments and EMA are stacked per level (``models/stacking.py``), so the
+optimizer compiles the same for any depth, and ``merge`` gives the per-block model. The step is ``jax.jit`` with
 explicit in/out shardings and the state donated. All randomness of a step (drop path,
 random erasing, mixup/cutmix) comes from ``(seed, step)``, and host augmentation from
 ``(seed, example position)``, so a resumed run draws exactly what an uninterrupted one
@@ -27,6 +29,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from internimage_jax import models
+from internimage_jax.models.stacking import stack_blocks, unstack_blocks
 from internimage_jax.training import augment, batch_augment, optim, pipeline, sharding, sources
 from internimage_jax.training import config as config_lib
 
@@ -99,6 +102,7 @@ class TrainProgram:
       # The graph definition is static: the shape-only trace below records it, so the
       # (for large models, slow) construction is traced once for shapes, once for init.
       self.graphdef, params, stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+      params = stack_blocks(params)
       state = {"params": params, "batch_stats": stats, "opt_state": self.tx.init(params),
                "step": jnp.zeros((), jnp.int32)}
       if cfg.train.ema_decay:
@@ -146,7 +150,13 @@ class TrainProgram:
     return self.abstract_state, self.abstract_rng, images, labels
 
   def merge(self, state, rng_state, params_key: str = "params") -> models.InternImage:
-    return nnx.merge(self.graphdef, state[params_key], state["batch_stats"], rng_state)
+    """The model of a train state (``params_key``: ``"params"`` or ``"ema_params"``)."""
+    return nnx.merge(self.graphdef, unstack_blocks(state[params_key]), state["batch_stats"],
+                     rng_state)
+
+  def params_of(self, model: nnx.Module) -> nnx.State:
+    """A model's parameters in the train state's (stacked) layout."""
+    return stack_blocks(nnx.state(model, nnx.Param))
 
   # ----------------------------------------------------------------- steps
   def _augment(self, key, images, labels):
@@ -169,11 +179,12 @@ class TrainProgram:
     model = self.merge(state, rng_state)
     nnx.reseed(model, dropout=drop_key)
     model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    params = state["params"]  # stacked: the gradients come back stacked too
 
     def loss_fn(params, rest, x, targets):
       # Fresh Variables (copy=True) that belong to this trace, so the RNG counts can move.
-      model = nnx.merge(graphdef, params, rest, copy=True)
+      model = nnx.merge(graphdef, unstack_blocks(params), rest, copy=True)
       logits = model(x).astype(jnp.float32)
       loss = optax.softmax_cross_entropy(logits, targets).mean()
       return loss, nnx.state(model, nnx.Not(nnx.Param))  # new batch stats and RNG counts
@@ -201,7 +212,8 @@ class TrainProgram:
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype),
-                               nnx.state(nnx.merge(graphdef, params, rest), nnx.BatchStat),
+                               nnx.state(nnx.merge(graphdef, unstack_blocks(params), rest),
+                                         nnx.BatchStat),
                                state["batch_stats"])
     new_state = {"params": new_params, "batch_stats": batch_stats,
                  "opt_state": opt_state, "step": state["step"] + 1}
@@ -344,7 +356,7 @@ class Trainer:
                           + ", ".join(sorted(problems)[:20]))
     if report.mismatched:
       self._log(f"init_from: head re-initialised ({', '.join(report.mismatched)})")
-    state = dict(state, params=nnx.state(model, nnx.Param),
+    state = dict(state, params=program.params_of(model),
                  batch_stats=nnx.state(model, nnx.BatchStat))
     if "ema_params" in state:
       state["ema_params"] = state["params"]
