@@ -75,7 +75,7 @@ def test_fsdp_across_two_processes_restores_onto_another_mesh(tmp_path):
     results = _train_two_processes(workdir, saved)
   for rc, out, _ in results:
     assert rc == 0, _report(results)
-    assert "restored on mesh {'data': 1, 'fsdp': 8} over 2 process(es)" in out, _report(results)
+    assert "restored on mesh {'data': 1, 'fsdp': 8, 'model': 1} over 2 process(es)" in out, _report(results)
   # Each process wrote its own shards of the checkpoint.
   step_dirs = sorted((workdir / "checkpoints").iterdir())
   assert step_dirs, "no checkpoint written"
@@ -86,7 +86,7 @@ def test_fsdp_across_two_processes_restores_onto_another_mesh(tmp_path):
       [sys.executable, DRIVER, "restore", str(workdir), str(restored), "--mesh", "data=2,fsdp=4"],
       cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "restored on mesh {'data': 2, 'fsdp': 4} over 1 process(es)" in proc.stdout
+  assert "restored on mesh {'data': 2, 'fsdp': 4, 'model': 1} over 1 process(es)" in proc.stdout
 
   want, got = np.load(saved), np.load(restored)
   assert sorted(want.files) == sorted(got.files)

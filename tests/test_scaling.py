@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from helpers import precision
 from internimage_jax import models
@@ -129,6 +130,99 @@ def test_train_state_size_does_not_grow_with_depth():
                                       combine=lambda values: values[0]))
   assert mask == want and any(mask) and not all(mask)
 
+
+
+def test_tensor_parallel_placement_rules():
+  """The MLP's fc1 and the clip projector's q/k/v split their outputs over ``model``,
+  fc2 and the projection their inputs; FSDP takes another dimension; the rest is as
+  before; what cannot split says which parameter."""
+  from types import SimpleNamespace
+
+  from internimage_jax.training import sharding
+
+  mesh = SimpleNamespace(shape={"data": 1, "fsdp": 2, "model": 2})
+  spec = lambda shape, *names: sharding.param_spec(shape, mesh, names)
+  assert spec((64, 256), "mlp", "fc1", "kernel") == P("fsdp", "model")
+  assert spec((256,), "mlp", "fc1", "bias") == P("model")
+  assert spec((256, 64), "mlp", "fc2", "kernel") == P("model", "fsdp")
+  assert spec((64,), "mlp", "fc2", "bias") == P()
+  assert spec((1024, 1024), "clip_projector", "cross_dcn", "k", "kernel") == P("fsdp", "model")
+  assert spec((1024, 768), "clip_projector", "cross_dcn", "proj", "kernel") == P("model", "fsdp")
+  assert spec((64, 64), "dcn", "input_proj", "kernel") == P(None, "fsdp")  # as before
+  assert sharding.use_spec((64, 256), mesh, ("mlp", "fc1", "kernel")) == P(None, "model")
+  assert sharding.use_spec((64, 64), mesh, ("dcn", "input_proj", "kernel")) == P()
+  with pytest.raises(ValueError, match=r"levels\.0\.mlp\.fc1\.kernel of shape \(8, 7\)"):
+    spec((8, 7), "levels", "0", "mlp", "fc1", "kernel")
+  no_model = SimpleNamespace(shape={"data": 1, "fsdp": 2})
+  assert sharding.param_spec((64, 256), no_model, ("mlp", "fc1", "kernel")) == P(None, "fsdp")
+  with pytest.raises(ValueError, match="unknown axis 'fdsp'"):
+    sharding.make_mesh({"data": 1, "fdsp": 1})
+
+
+_TENSOR_PARALLEL = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+from internimage_jax.models.stacking import unstack_blocks
+from internimage_jax.training.config import base_config
+from internimage_jax.training.trainer import TrainProgram
+out = {}
+for mesh in ({"data": 1, "fsdp": 4}, {"data": 1, "fsdp": 2, "model": 2}):
+    cfg = base_config()
+    cfg.model.name = "internimage_h"
+    cfg.model.remat = "block"
+    cfg.model.overrides.update(json.loads(sys.argv[1]))
+    cfg.data.image_size = 32
+    cfg.train.global_batch = 4
+    cfg.mesh = type(cfg.mesh)(mesh)
+    program = TrainProgram(cfg, num_classes=10, steps_per_epoch=10)
+    state, rng = program.init()
+    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8),
+                            program.batch_sharding)
+    labels = jax.device_put(np.arange(4, dtype=np.int32), program.batch_sharding)
+
+    def loss_and_grads(state, rng_state, x, y):
+        def loss(params):
+            model = nnx.merge(program.graphdef, unstack_blocks(params), state["batch_stats"],
+                              rng_state, copy=True)
+            model.eval()
+            logits = model(x.astype(jnp.float32) / 255)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return jax.value_and_grad(loss)(state["params"])
+
+    run = jax.jit(loss_and_grads, in_shardings=(program.state_shardings, program.rng_shardings,
+                                                program.batch_sharding, program.batch_sharding),
+                  out_shardings=(program.replicated, program.state_shardings["params"]))
+    loss, grads = run(state, rng, images, labels)
+    fc1 = state["params"]["levels"][2]["stacked_blocks"]["mlp"]["fc1"]["kernel"]
+    row = {"loss": float(loss), "grads": [np.asarray(g).tolist() for g in jax.tree.leaves(grads)],
+           "fc1": [fc1.shape, fc1.addressable_shards[0].data.shape]}
+    if "model" in mesh:  # the full step once, under tensor parallelism
+        state, metrics = program.train_step(state, rng, images, labels)
+        row["step_loss"] = float(metrics["loss"])
+    out[",".join(mesh)] = row
+print(json.dumps(out))
+"""
+
+
+def test_tensor_parallel_matches_fsdp():
+  """Tensor parallelism over a ``model`` axis (2 x 2 devices with FSDP) computes the
+  gradients of FSDP over 4 devices, holds a quarter of each MLP matrix per device, and
+  trains (the full step: remat, scanned levels, clip projector)."""
+  options = dict(MINI_H, depths=(1, 1, 2, 1), level2_post_norm_block_ids=(1,))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, "-c", _TENSOR_PARALLEL, json.dumps(options)], cwd=REPO,
+                        env=env, capture_output=True, text=True, check=True)
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  fsdp, tp = out["data,fsdp"], out["data,fsdp,model"]
+  assert tp["loss"] == pytest.approx(fsdp["loss"], rel=1e-5)
+  scale = max(np.max(np.abs(g)) for g in fsdp["grads"])
+  for got, want in zip(tp["grads"], fsdp["grads"]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+  (blocks, cin, hidden), shard = tp["fc1"]
+  assert shard == [blocks, cin // 2, hidden // 2]  # fsdp 2 x model 2
+  assert np.isfinite(tp["step_loss"])
 
 
 def test_remat_helpers_match_plain_autodiff():

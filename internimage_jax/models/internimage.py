@@ -15,6 +15,7 @@ from internimage_jax.models.dcnv3 import DCNv3
 from internimage_jax.models.layers import (
     MLP, BatchNorm2d, Dtype, DropPath, TorchNamed, conv, gather_param, gelu, layer_norm, linear,
     remat_call, scan_remat)
+from internimage_jax.models.stacking import map_params
 
 # Fixed sizes of the H/G clip-projector head in the original.
 CLIP_PRETRAIN_DIM = 1024
@@ -138,17 +139,16 @@ def _stack(trees: Sequence, shape: tuple[int, ...]):
 
 
 def _param_gatherer(param_sharding):
-  """``array -> array`` placing a parameter replicated for its use, its gradient back
-  in ``param_sharding(shape)`` (reduce-scattered): the FSDP all-gather at use, which
-  also keeps XLA from sharding activations by channel to meet a sharded kernel. None
-  without ``param_sharding``."""
+  """``(names, array) -> array`` placing a parameter as ``param_sharding.at_use`` says
+  for its use (replicated, or split for tensor parallelism), its gradient back where
+  the state keeps it (reduce-scattered): the FSDP all-gather at use, which also keeps
+  XLA from sharding activations by channel to meet a sharded kernel. None without
+  ``param_sharding``."""
   if param_sharding is None:
     return None
 
-  def gather(a):
-    split = param_sharding(a.shape)
-    return gather_param(a, jax.sharding.NamedSharding(split.mesh, jax.sharding.PartitionSpec()),
-                        split)
+  def gather(names, a):
+    return gather_param(a, param_sharding.at_use(a.shape, names), param_sharding(a.shape, names))
 
   return gather
 
@@ -234,7 +234,7 @@ class Level(nnx.Module, TorchNamed):
     runs: with FSDP each block gathers its own weights, one block at a time."""
     gather = _param_gatherer(self.param_sharding)
     if gather is not None:
-      nnx.update(module, jax.tree.map(gather, nnx.state(module, nnx.Param)))
+      nnx.update(module, map_params(gather, nnx.state(module, nnx.Param)))
 
   def _stack_params(self, states: list, shape: tuple[int, ...]):
     """The blocks' states stacked into leading dims ``shape``, parameters keeping the
@@ -243,14 +243,14 @@ class Level(nnx.Module, TorchNamed):
     if self.param_sharding is None:
       return stacked
 
-    def place(a):
-      sharding = self.param_sharding(a.shape[len(shape):])
+    def place(names, a):
+      sharding = self.param_sharding(a.shape[len(shape):], names)
       spec = (None,) * len(shape) + tuple(sharding.spec)
       return jax.lax.with_sharding_constraint(
           a, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec)))
 
     params, rest = nnx.split_state(stacked, nnx.Param, ...)
-    return nnx.merge_state(jax.tree.map(place, params), rest)
+    return nnx.merge_state(map_params(place, params), rest)
 
   def _scanned_blocks(self, x: jax.Array) -> jax.Array:
     blocks = list(self.blocks)
@@ -389,8 +389,10 @@ class InternImage(nnx.Module, TorchNamed):
   names and results; one compiled block per level); ``None`` means on when training
   is set up for it (``remat`` other than "none", or an ``activation_sharding``).
   ``activation_sharding`` (e.g. batch-sharded over a mesh) is imposed on every
-  block's output; ``param_sharding`` (shape -> sharding, the FSDP placement of the
-  state) lets scanned blocks gather their parameters at use, one block at a time.
+  block's output; ``param_sharding`` (a ``training.sharding.ParamSharding``: where
+  the state keeps each parameter and where it is used, by shape and name) lets blocks
+  gather their parameters at use, one block at a time, the MLP and clip-projector
+  linears staying split over a ``model`` mesh axis (tensor parallelism).
   """
 
   torch_names: ClassVar[dict[str, str]] = {

@@ -12,6 +12,8 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
 
+from internimage_jax.models.stacking import map_params
+
 Dtype = Any
 
 # LayerNorm eps everywhere in InternImage; BatchNorm (classification head) uses 1e-5.
@@ -284,8 +286,9 @@ def remat_call(fn, module, *args, remat: bool = True, params=None):
   """``fn(module, *args)`` under :func:`late_remat` (or, with ``remat=False``, as is);
   the module's non-parameter state (RNG counts, batch statistics) is updated as if
   called directly. ``module`` may be a tuple of modules (or ``None`` entries): only
-  their parameters are inputs. ``params`` maps each parameter array before use (e.g.
-  :func:`gather_param`), on a copy of the module."""
+  their parameters are inputs. ``params(names, array)`` maps each parameter before use
+  (e.g. :func:`gather_param`; names as ``stacking.key_names``), on a copy of the
+  module."""
   graphdef, state = nnx.split(module)
 
   def pure(state, *args):
@@ -293,7 +296,7 @@ def remat_call(fn, module, *args, remat: bool = True, params=None):
     # the saved inputs of the recomputation.
     module = nnx.merge(graphdef, state, copy=True)
     if params is not None:
-      nnx.update(module, jax.tree.map(params, nnx.state(module, nnx.Param)))
+      nnx.update(module, map_params(params, nnx.state(module, nnx.Param)))
     out = fn(module, *args)
     return out, nnx.state(module, nnx.Not(nnx.Param))
 

@@ -86,9 +86,30 @@ def unstack_blocks(state: nnx.State) -> nnx.State:
   return nnx.from_flat_state(out)
 
 
+def key_names(key_path: Sequence) -> tuple[str, ...]:
+  """A ``jax.tree_util`` key path as names (``("levels", "0", "blocks", ...)``), without
+  the attribute that holds a Variable's value."""
+  names = []
+  for k in key_path:
+    if isinstance(k, jax.tree_util.DictKey):
+      names.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      names.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey) and k.name not in ("value", "raw_value"):
+      names.append(k.name)
+  return tuple(names)
+
+
+def map_params(fn: Callable[[tuple[str, ...], Any], Any], tree):
+  """``fn(names, array)`` over the arrays of a state (names as :func:`key_names`)."""
+  return jax.tree_util.tree_map_with_path(lambda path, x: fn(key_names(path), x), tree)
+
+
 def is_stacked(key_path: Sequence) -> bool:
-  """Whether a ``jax.tree_util`` key path leads to a stacked leaf."""
-  return any(getattr(k, "key", None) == STACKED for k in key_path)
+  """Whether a ``jax.tree_util`` key path (or its :func:`key_names`) leads to a
+  stacked leaf."""
+  return STACKED in (key_path if all(isinstance(k, str) for k in key_path)
+                     else key_names(key_path))
 
 
 def block_ndim(key_path: Sequence, x) -> int:

@@ -59,7 +59,9 @@ def base_config() -> ConfigDict:
       ema_decay=0.9999,  # 0 = no EMA
       compute_dtype="float32",  # or "bfloat16" (float32 master weights and optimizer)
   ))
-  cfg.mesh = ConfigDict(dict(data=-1, fsdp=1))  # axis -> size; one may be -1 (the rest)
+  # axis -> size; one may be -1 (the rest). data: batch only; fsdp: batch, parameters
+  # and optimizer state; model: tensor parallelism of the MLP and clip-projector linears.
+  cfg.mesh = ConfigDict(dict(data=-1, fsdp=1, model=1))
   cfg.checkpoint = ConfigDict(dict(every_steps=0, keep=3))  # 0 = once per epoch
   cfg.log_every_steps = 50
   cfg.eval_every_steps = 0  # 0 = once per epoch
