@@ -350,10 +350,16 @@ def _train_h_markdown(h: dict) -> list[str]:
            "| batch/device | compile s | step s | images/s | XLA total GiB | peak GiB | result |",
            "|---|---|---|---|---|---|---|"]
   for r in h["rows"]:
-    done = "error" not in r
+    done = "step_s" in r
     step = f"{r['step_s']:.3f} | {r['images_per_s']:.1f}" if done else " | "
-    result = "ran" if done else r["error"].splitlines()[0][:120]
-    lines.append(f"| {r['batch_per_device']} | {r.get('compile_s', '')} | {step} | "
+    if done:
+      result = "ran"
+    elif "fits" in r:  # a compile-only step of the search
+      result = "fits by analysis" if r["fits"] else "over the limit by analysis"
+    else:
+      result = r.get("error", "").splitlines()[0][:120] if r.get("error") else ""
+    compile_s = r.get("compile_s", r.get("analysis_compile_s", ""))
+    lines.append(f"| {r['batch_per_device']} | {compile_s} | {step} | "
                  f"{gib(r.get('total_bytes'))} | {gib(r.get('peak_bytes_in_use'))} | {result} |")
   return lines + [""]
 

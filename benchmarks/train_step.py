@@ -7,19 +7,17 @@ fits, its step time and peak memory.
 Builds the training program (augmentation, forward, backward, clipped AdamW with LR
 groups, EMA) for the local devices and initialises its sharded state. Then:
 
-1. compiles and times the step at ``--start-batch`` images per device;
-2. estimates the largest batch that fits the device's memory limit from that step's
-   peak: the state and the gradients are fixed, the rest taken as growing linearly
-   with the batch (other batch-independent temporaries count as per-image, so the
-   estimate errs low);
-3. compiles that batch, shrinks it while XLA's memory analysis of the compiled step
-   says it exceeds the limit, runs it, and steps down by 10% on an out-of-memory error;
-4. with time left in ``--budget``, tries ``--probe-step`` more images per device until
-   one fails: the last batch that ran is the largest found.
+1. searches, compiling only (without the GPU autotuner, which takes most of a GPU
+   compile), for the largest per-device batch whose step fits the device's memory
+   limit by XLA's memory analysis, to within ``--resolution`` images: from
+   ``--start-batch``, each next batch where the line through the nearest measured
+   batches meets the limit, while more than ``--run-share`` of ``--budget`` is left;
+2. compiles that batch fully, runs and times it (a real allocation proves it fits),
+   stepping down on an out-of-memory error.
 
-Prints a JSON line per batch tried (compile seconds, memory analysis, median step
-seconds over ``--steps`` timed calls, images/s, the allocator's peak bytes) and a
-summary line last. Synthetic uint8 images (the step's augmentation normalises them).
+Prints a JSON line per batch compiled (compile seconds, memory analysis; for the run:
+median step seconds over ``--steps`` timed calls, images/s, the allocator's peak
+bytes) and a summary line last. Synthetic uint8 images (the step's augmentation normalises them).
 On a CPU (no allocator statistics) the limit is ``--limit-gib``.
 """
 
@@ -27,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # The default (75% of the card) would hide a quarter of it from the largest batch.
@@ -59,8 +57,10 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--options", default="{}", help="JSON overrides of the variant")
   parser.add_argument("--start-batch", type=int, default=16, help="images per device")
   parser.add_argument("--max-batch", type=int, default=1024, help="per device, at most")
-  parser.add_argument("--probe-step", type=int, default=0,
-                      help="images per device added per probe (0: a twentieth of the batch)")
+  parser.add_argument("--resolution", type=int, default=4,
+                      help="images per device to which the largest batch is searched")
+  parser.add_argument("--run-share", type=float, default=0.5,
+                      help="share of --budget kept for compiling and running the batch found")
   parser.add_argument("--steps", type=int, default=3, help="timed steps per batch")
   parser.add_argument("--budget", type=float, default=480, help="seconds for all of it")
   parser.add_argument("--limit-gib", type=float, default=None,
@@ -95,11 +95,21 @@ class Bench:
     total = max(batch * self.devices // self.ways, 1) * self.ways
     return total // self.devices
 
-  def compile(self, batch: int):
+  def compile(self, batch: int, quick: bool = False):
+    """The step compiled for ``batch`` per device; ``quick``: without the GPU
+    autotuner (its kernel choices barely move the memory, and it takes most of the
+    compile time there)."""
+    options = {"xla_gpu_autotune_level": 0} if quick and jax.default_backend() == "gpu" else None
     start = time.perf_counter()
     compiled = self.program.train_step.lower(
-        *self.program.abstract_inputs(batch * self.devices)).compile()
+        *self.program.abstract_inputs(batch * self.devices)).compile(options)
     return compiled, time.perf_counter() - start, memory_report(compiled)
+
+  def analyse(self, batch: int) -> dict:
+    """Compile only (quick): whether ``batch`` fits by XLA's memory analysis."""
+    _, seconds, report = self.compile(batch, quick=True)
+    return {"batch_per_device": batch, "analysis_compile_s": round(seconds, 1), **report,
+            "fits": self.fits(report)}
 
   def run(self, compiled, batch: int) -> tuple[float, float]:
     """Median seconds of a step at ``batch`` per device, and the first step's loss."""
@@ -160,6 +170,47 @@ class Bench:
     return row
 
 
+def search(bench: Bench, args: argparse.Namespace, until: Callable[[], bool],
+           record: Callable[[dict], dict]) -> tuple[int, int | None]:
+  """The largest per-device batch whose compiled step fits by XLA's memory analysis,
+  to within ``--resolution`` images: compile-only steps (no autotuning on a GPU),
+  each next batch where the line through the nearest measured batches meets the limit.
+  Returns (largest that fits, smallest that does not or None)."""
+  target = SAFETY * bench.limit
+  fit, over = 0, None
+  points: dict[int, int] = {}
+  batch = bench.per_device(min(args.start_batch, args.max_batch))
+  while True:
+    row = record(bench.analyse(batch))
+    points[batch] = row["total_bytes"]
+    if row["fits"]:
+      fit = max(fit, batch)
+    else:
+      over = batch if over is None else min(over, batch)
+    step = bench.per_device(args.resolution) or 1
+    if (over is not None and over - fit <= step) or (fit >= args.max_batch) or until():
+      return fit, over
+    # Where the line through the two nearest batches meets the limit; with one
+    # point, the state and gradients are fixed and the rest grows with the batch.
+    near = sorted(points, key=lambda b: abs(b - batch))[:2]
+    if len(near) == 2 and near[0] != near[1]:
+      (b0, t0), (b1, t1) = ((b, points[b]) for b in near)
+      per_image = max((t1 - t0) / (b1 - b0), 1.0)
+      guess = b0 + (target - t0) / per_image
+    else:
+      fixed = bench.state_bytes + bench.grad_bytes
+      guess = batch * (target - fixed) / max(points[batch] - fixed, 1)
+    low, high = fit + step, (over - step if over is not None else args.max_batch)
+    guess = int(min(max(guess, low), high))
+    if over is not None and not low <= guess <= high:
+      guess = (fit + over) // 2
+    batch = bench.per_device(guess)
+    if batch in points:  # rounding met a batch already measured: halve the interval
+      batch = bench.per_device((fit + (over if over is not None else 2 * fit)) // 2)
+      if batch in points:
+        return fit, over
+
+
 def main() -> None:
   args = _parse()
   clock = time.perf_counter()
@@ -174,38 +225,22 @@ def main() -> None:
   def record(row: dict) -> dict:
     print(json.dumps(row), flush=True)
     summary["rows"].append(row)
-    if "error" not in row:
+    if "step_s" in row:
       best = summary.get("largest")
       if best is None or row["batch_per_device"] > best["batch_per_device"]:
         summary["largest"] = row
     return row
 
-  first = record(bench.attempt(bench.per_device(args.start_batch)))
-  while "error" in first and first["batch_per_device"] > 1 and left() > 0:
-    first = record(bench.attempt(bench.per_device(first["batch_per_device"] // 2)))
-  if "error" not in first:
-    # Step 2: the state and one gradient per parameter are fixed, the rest taken as
-    # linear in the batch (other batch-independent temporaries count as per-image).
-    used = first.get("peak_bytes_in_use") or first["total_bytes"]
-    fixed = bench.state_bytes + bench.grad_bytes
-    per_image = (used - fixed) / first["batch_per_device"]
-    batch = bench.per_device(min(args.max_batch, int((SAFETY * bench.limit - fixed) / per_image)))
-    first_s = first["compile_s"] + (args.steps + 1) * first["step_s"]
-    tried = {first["batch_per_device"]}
-    # Step 3, then step 4's probes, while one more attempt (as long as the first) fits.
-    while batch not in tried and batch >= 1 and left() > 1.2 * first_s:
-      tried.add(batch)
-      row = record(bench.attempt(batch))
-      largest = summary.get("largest", first)["batch_per_device"]
-      if "error" in row:
-        if largest > first["batch_per_device"]:
-          break  # a larger batch already ran: the one after it does not fit
-        batch = bench.per_device(int(row["batch_per_device"] * 0.9))
-      else:
-        batch = bench.per_device(min(args.max_batch, largest + (
-            args.probe_step or max(1, largest // 20))))
-        if batch <= largest:
-          break
+  # Search by compiling only, while over half the budget is left for the real run.
+  fit, over = search(bench, args, lambda: left() < args.run_share * args.budget, record)
+  summary["largest_by_analysis"], summary["smallest_over_by_analysis"] = fit, over
+  # Then compile fully and run the largest; step down on an out-of-memory error.
+  batch = fit
+  while batch >= 1 and left() > 0:
+    row = record(bench.attempt(batch))
+    if "error" not in row:
+      break
+    batch = bench.per_device(batch - max(args.resolution, batch // 20))
   summary["seconds"] = round(time.perf_counter() - clock, 1)
   print(json.dumps(summary), flush=True)
 
