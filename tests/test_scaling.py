@@ -307,7 +307,7 @@ def test_dcnv3_row_chunked_backward_equals_whole(monkeypatch):
 _COMPILE = r"""
 import json, re, sys
 import jax
-from internimage_jax.models.stacking import is_stacked
+from internimage_jax.models.stacking import is_stacked, key_names
 from internimage_jax.training.config import base_config
 from internimage_jax.training.trainer import TrainProgram
 SMALL = {
@@ -327,7 +327,7 @@ for name, mesh, remat in json.loads(sys.argv[1]):
     program = TrainProgram(cfg, num_classes=10, steps_per_epoch=10)
     compiled = program.train_step.lower(*program.abstract_inputs()).compile()
     stacked = [s.spec for path, s in jax.tree_util.tree_flatten_with_path(
-        program.state_shardings)[0] if is_stacked(path)]
+        program.state_shardings)[0] if is_stacked(key_names(path))]
     out[f"{name} {mesh} {remat}"] = {
         "temp": compiled.memory_analysis().temp_size_in_bytes,
         "all_to_all": len(re.findall(r" all-to-all\(", compiled.as_text())),

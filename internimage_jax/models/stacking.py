@@ -105,13 +105,11 @@ def map_params(fn: Callable[[tuple[str, ...], Any], Any], tree):
   return jax.tree_util.tree_map_with_path(lambda path, x: fn(key_names(path), x), tree)
 
 
-def is_stacked(key_path: Sequence) -> bool:
-  """Whether a ``jax.tree_util`` key path (or its :func:`key_names`) leads to a
-  stacked leaf."""
-  return STACKED in (key_path if all(isinstance(k, str) for k in key_path)
-                     else key_names(key_path))
+def is_stacked(names: Sequence[str]) -> bool:
+  """Whether the leaf at ``names`` (as :func:`key_names`) is block-stacked."""
+  return STACKED in names
 
 
-def block_ndim(key_path: Sequence, x) -> int:
+def block_ndim(names: Sequence[str], x) -> int:
   """Rank of one block's parameter: the stacked leading axis not counted."""
-  return x.ndim - is_stacked(key_path)
+  return x.ndim - is_stacked(names)

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from internimage_jax.models.stacking import block_ndim, stack_blocks
+from internimage_jax.models.stacking import block_ndim, map_params, stack_blocks
 
 # Parameters whose LR gets ``dcn_lr_mul`` (matched in the official names, as the original).
 DCN_LR_KEYWORDS = ("offset", "center_feature_scale_proj")
@@ -38,7 +38,7 @@ def schedule(cfg: ConfigDict, global_batch: int, total_steps: int,
 def decay_mask(params):
   """Weight decay on matrices and convolution kernels, not on 1-D tensors (norms, biases,
   layer scales); a stacked block parameter by the rank of one block's."""
-  return jax.tree_util.tree_map_with_path(lambda path, p: block_ndim(path, p) > 1, params)
+  return map_params(lambda names, p: block_ndim(names, p) > 1, params)
 
 
 def layer_decay_ratios(depths: Sequence[int], ratio: float) -> dict[str, float]:

@@ -5,8 +5,8 @@ sharded state, the jitted train and eval steps); ``Trainer`` adds data, checkpoi
 metrics. State layout: ``{"params", "batch_stats", "opt_state", "step"[, "ema_params"]}``,
 placed by the FSDP rule over the mesh (``sharding.py``); the blocks' parameters, their
 optimizer moments and EMA are stacked per level (``models/stacking.py``), so the
-optimizer compiles the same for any depth, and ``merge`` gives the per-block model. The step is ``jax.jit`` with
-explicit in/out shardings and the state donated. All randomness of a step (drop path,
+optimizer compiles the same for any depth, and ``merge`` gives the per-block model.
+The step is ``jax.jit`` with explicit in/out shardings and the state donated. All randomness of a step (drop path,
 random erasing, mixup/cutmix) comes from ``(seed, step)``, and host augmentation from
 ``(seed, example position)``, so a resumed run draws exactly what an uninterrupted one
 would; the data iterator's position is saved with the state.
