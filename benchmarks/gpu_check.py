@@ -150,12 +150,24 @@ def time_case(shape: StageShape, dtype, impl: str, mode: str, repeats: int,
   return row
 
 
-def run_json(command: list[str], timeout: float, env: dict | None = None) -> dict:
-  """Runs a benchmark script that prints one JSON line last; errors become a row."""
+def run_json(command: list[str], timeout: float, env: dict | None = None,
+             partial_key: str | None = None) -> dict:
+  """Runs a benchmark script that prints one JSON line last; errors become a row.
+  ``partial_key``: on a timeout, the last JSON line printed that has this key, marked
+  ``timed_out`` (for scripts that print a summary after each stage)."""
   try:
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                           timeout=max(timeout, 1), env={**os.environ, **(env or {})})
-  except subprocess.TimeoutExpired:
+  except subprocess.TimeoutExpired as e:
+    # What a killed child printed comes back as bytes whatever ``text`` says.
+    lines = (e.stdout or b"").decode(errors="replace").splitlines()
+    for line in reversed(lines if partial_key else []):
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and partial_key in row:
+        return {**row, "timed_out": f"after {timeout:.0f} s"}
     return {"error": f"timed out after {timeout:.0f} s"}
   if proc.returncode:
     return {"error": (proc.stderr or proc.stdout)[-1500:]}
@@ -214,8 +226,10 @@ def main() -> None:
                       help=f"comma-separated subset of {','.join(STAGES)} (default: all; "
                            "with --smoke all but tests)")
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--h-start-batch", type=int, default=32,
-                      help="H images per device to start the search for the largest from")
+  parser.add_argument("--h-start-batch", type=int, default=None,
+                      help="H images per device to start the search for the largest from "
+                           "(default 80: near the largest on an H100 by the one H step "
+                           "measured there; 32 with --smoke)")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU run of the script)")
   args = parser.parse_args()
   stages = (args.stages.split(",") if args.stages
@@ -236,11 +250,13 @@ def main() -> None:
     tiny = ["--options", json.dumps({"channels": 16, "depths": [1, 1, 1, 1],
                                      "groups": [1, 2, 4, 8]})]
     t_step, h_step = (1, 32, tiny), ("internimage_t", 32, [*tiny, "--limit-gib", "2"])
+    h_start = args.h_start_batch or 32
   else:
     t_levels = stage_shapes("internimage_t", 64)
     large = [stage_shapes("internimage_b", 32)[0], stage_shapes("internimage_h", 4)[0]]
     dtypes, sweep = [jnp.float32, jnp.bfloat16], SWEEP
     t_step, h_step = (64, 224, []), ("internimage_h", 640, [])
+    h_start = args.h_start_batch or 80
 
   kernel_ok = True
   if "correctness" in stages:
@@ -330,9 +346,9 @@ def main() -> None:
     # The model's "auto" implementation is the kernel on one GPU.
     report.set("train_h", run_json(
         [sys.executable, "benchmarks/train_step.py", "--model", model, "--image-size",
-         str(size), "--start-batch", str(args.h_start_batch), "--remat", "block",
+         str(size), "--start-batch", str(h_start), "--remat", "block",
          "--compute-dtype", "bfloat16", "--budget", str(max(timeout - 20, 1)), *extra],
-        timeout, env={"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}))
+        timeout, env={"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, partial_key="rows"))
 
   if "operator_large" in stages:
     operator("operator_large", large, 10)
@@ -346,14 +362,17 @@ def _train_h_markdown(h: dict) -> list[str]:
   gib = lambda b: "" if b is None else f"{b / 2**30:.1f}"
   lines = [f"train_h: {h['model']} at {h['image_size']} px, remat {h['remat']}, "
            f"{h['compute_dtype']} compute, state {gib(h['state_bytes_per_device'])} GiB, "
-           f"allocator limit {gib(h['bytes_limit'])} GiB, init {h['init_s']} s.", "",
+           f"allocator limit {gib(h['bytes_limit'])} GiB, init {h['init_s']} s"
+           + (f"; timed out {h['timed_out']}" if "timed_out" in h else "") + ".", "",
            "| batch/device | compile s | step s | images/s | XLA total GiB | peak GiB | result |",
            "|---|---|---|---|---|---|---|"]
   for r in h["rows"]:
     done = "step_s" in r
     step = f"{r['step_s']:.3f} | {r['images_per_s']:.1f}" if done else " | "
     if done:
-      result = "ran"
+      result = "ran, autotuned" if r.get("autotuned") else "ran"
+      if r.get("compiled_by") == "search":
+        result += " (the search's executable)"
     elif "fits" in r:  # a compile-only step of the search
       result = "fits by analysis" if r["fits"] else "over the limit by analysis"
     else:

@@ -7,19 +7,25 @@ fits, its step time and peak memory.
 Builds the training program (augmentation, forward, backward, clipped AdamW with LR
 groups, EMA) for the local devices and initialises its sharded state. Then:
 
-1. searches, compiling only (without the GPU autotuner, which timed kernels
-   throughout the one H compile measured on an H100), for the largest per-device batch whose step fits the device's memory
-   limit by XLA's memory analysis, to within ``--resolution`` images: from
-   ``--start-batch``, each next batch where the line through the nearest measured
-   batches meets the limit, while more than ``--run-share`` of ``--budget`` is left;
-2. compiles that batch fully, runs and times it (a real allocation proves it fits),
-   stepping down on an out-of-memory error.
+1. searches for the largest per-device batch whose step fits the device's memory limit
+   by XLA's memory analysis, to within ``--resolution`` images, compiling without the
+   GPU autotuner (which timed kernels throughout the one H compile measured on an
+   H100): from ``--start-batch``, each next batch where the line through the nearest
+   measured batches meets the limit, while more than ``--run-share`` of ``--budget``
+   is left;
+2. runs and times the executable the search compiled for that batch (a real
+   allocation proves it fits), stepping down on an out-of-memory error;
+3. on a GPU, if the time left allows, compiles that batch again with the autotuner
+   and times it too (``"autotuned": true``).
 
-Prints a JSON line per batch compiled (compile seconds, memory analysis; for the run:
+Prints a JSON line per batch compiled (compile seconds, memory analysis; for a run:
 median step seconds over ``--steps`` timed calls, images/s, the allocator's peak
-bytes) and a summary line last. Synthetic uint8 images (the step's augmentation normalises them).
-On a CPU (no allocator statistics) the limit is ``--limit-gib``.
+bytes) and, after every run, a summary line (the last line is the summary; a run cut
+short by a timeout still leaves the summary of what ran). Synthetic uint8 images (the
+step's augmentation normalises them). On a CPU (no allocator statistics) the limit is
+``--limit-gib``.
 """
+
 
 from __future__ import annotations
 
@@ -84,6 +90,8 @@ class Bench:
     self.grad_bytes = tree_bytes(self.program.abstract_state["params"], per_device=True)
     self.state, self.rng_state = jax.block_until_ready(self.program.init())
     self.init_s = time.perf_counter() - start
+    self.kept: dict[int, object] = {}  # batch -> the search's executable (the largest fit)
+    self.compile_s: list[float] = []  # of the search's compiles
     stats = jax.local_devices()[0].memory_stats() or {}
     self.limit = stats.get("bytes_limit") or (
         int(args.limit_gib * 2**30) if args.limit_gib else None)
@@ -95,21 +103,26 @@ class Bench:
     total = max(batch * self.devices // self.ways, 1) * self.ways
     return total // self.devices
 
-  def compile(self, batch: int, quick: bool = False):
-    """The step compiled for ``batch`` per device; ``quick``: without the GPU
-    autotuner (the search needs the memory analysis, not the fastest kernels; the
-    batch found is compiled again in full and checked before it runs)."""
-    options = {"xla_gpu_autotune_level": 0} if quick and jax.default_backend() == "gpu" else None
+  def compile(self, batch: int, tuned: bool = False):
+    """The step compiled for ``batch`` per device, with its compile seconds and memory
+    analysis. Without ``tuned``, a GPU compiles without its autotuner: the search needs
+    the memory analysis, not the fastest kernels, and the default kernels run as well."""
+    options = None if tuned or jax.default_backend() != "gpu" else {"xla_gpu_autotune_level": 0}
     start = time.perf_counter()
     compiled = self.program.train_step.lower(
         *self.program.abstract_inputs(batch * self.devices)).compile(options)
     return compiled, time.perf_counter() - start, memory_report(compiled)
 
   def analyse(self, batch: int) -> dict:
-    """Compile only (quick): whether ``batch`` fits by XLA's memory analysis."""
-    _, seconds, report = self.compile(batch, quick=True)
-    return {"batch_per_device": batch, "analysis_compile_s": round(seconds, 1), **report,
-            "fits": self.fits(report)}
+    """Compile (untuned) and say whether ``batch`` fits by XLA's memory analysis; the
+    executable of the largest batch that fits is kept for the run."""
+    compiled, seconds, report = self.compile(batch)
+    self.compile_s.append(seconds)
+    row = {"batch_per_device": batch, "analysis_compile_s": round(seconds, 1), **report,
+           "fits": self.fits(report)}
+    if row["fits"] and batch > max(self.kept, default=0):
+      self.kept = {batch: compiled}  # one at a time: an H executable holds host memory
+    return row
 
   def run(self, compiled, batch: int) -> tuple[float, float]:
     """Median seconds of a step at ``batch`` per device, and the first step's loss."""
@@ -141,33 +154,25 @@ class Bench:
   def fits(self, report: dict) -> bool:
     return report.get("total_bytes", 0) <= SAFETY * self.limit
 
-  def attempt(self, batch: int) -> dict:
-    """Compile (shrinking while the analysis says it cannot fit) and run one batch."""
-    row: dict = {"batch_per_device": batch}
-    for _ in range(4):
-      compiled, compile_s, report = self.compile(batch)
-      row = {"batch_per_device": batch, "compile_s": round(compile_s, 1), **report}
-      if self.fits(report) or not report:
-        break
-      over = report["total_bytes"] - self.state_bytes
-      smaller = self.per_device(int(batch * (SAFETY * self.limit - self.state_bytes) / over))
-      row["error"] = f"memory analysis {report['total_bytes'] / 2**30:.1f} GiB over the limit"
-      print(json.dumps(row), flush=True)
-      if smaller < 1 or smaller >= batch:
-        return row
-      batch = smaller
+  def attempt(self, batch: int, tuned: bool = False) -> dict:
+    """Run one batch: the search's executable where it kept one, else compile it."""
+    if not tuned and batch in self.kept:
+      compiled, row = self.kept.pop(batch), {"batch_per_device": batch, "compiled_by": "search"}
+      row.update(memory_report(compiled))
     else:
-      return row
+      compiled, compile_s, report = self.compile(batch, tuned)
+      row = {"batch_per_device": batch, "compile_s": round(compile_s, 1), **report}
+      if not self.fits(report):
+        return {**row, "error": f"memory analysis {report['total_bytes'] / 2**30:.1f} GiB "
+                               "over the limit"}
+    row["autotuned"] = tuned and jax.default_backend() == "gpu"
     try:
       seconds, loss = self.run(compiled, batch)
     except Exception as e:  # noqa: BLE001 (the allocator's error type differs by version)
-      row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
       self.recover()
-      return row
-    row.pop("error", None)
-    row.update(step_s=seconds, images_per_s=batch * self.devices / seconds, first_loss=loss,
-               peak_bytes_in_use=self.peak())
-    return row
+      return {**row, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+    return {**row, "step_s": seconds, "images_per_s": batch * self.devices / seconds,
+            "first_loss": loss, "peak_bytes_in_use": self.peak()}
 
 
 def search(bench: Bench, args: argparse.Namespace, until: Callable[[], bool],
@@ -227,22 +232,34 @@ def main() -> None:
     summary["rows"].append(row)
     if "step_s" in row:
       best = summary.get("largest")
-      if best is None or row["batch_per_device"] > best["batch_per_device"]:
+      # The later of equal batches: the autotuned run follows the untuned one.
+      if best is None or row["batch_per_device"] >= best["batch_per_device"]:
         summary["largest"] = row
     return row
 
-  # Search by compiling only, while over half the budget is left for the real run.
+  # Search by compiling only, while more than --run-share of the budget is left.
   fit, over = search(bench, args, lambda: left() < args.run_share * args.budget, record)
   summary["largest_by_analysis"], summary["smallest_over_by_analysis"] = fit, over
-  # Then compile fully and run the largest; step down on an out-of-memory error.
+
+  def report() -> None:
+    summary["seconds"] = round(time.perf_counter() - clock, 1)
+    print(json.dumps(summary), flush=True)
+
+  # Run the search's executable of the largest batch; step down on an out-of-memory error.
   batch = fit
   while batch >= 1 and left() > 0:
     row = record(bench.attempt(batch))
     if "error" not in row:
       break
     batch = bench.per_device(batch - max(args.resolution, batch // 20))
-  summary["seconds"] = round(time.perf_counter() - clock, 1)
-  print(json.dumps(summary), flush=True)
+  report()
+  # On a GPU, the same batch with the autotuner's kernels, if a compile fits in the time
+  # left: judged by the slowest search compile, with the autotuner's share unknown.
+  largest = summary.get("largest")
+  if (largest and jax.default_backend() == "gpu"
+      and left() > 2 * max(bench.compile_s) + 4 * largest["step_s"] * (args.steps + 1)):
+    record(bench.attempt(largest["batch_per_device"], tuned=True))
+    report()
 
 
 if __name__ == "__main__":

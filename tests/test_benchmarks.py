@@ -50,7 +50,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
 def test_train_step_benchmark_searches_and_runs_the_largest_batch():
   """benchmarks/train_step.py: compile-only steps search for the largest batch that
   fits by XLA's memory analysis (here capped by --max-batch), then the full step of
-  train.py runs at it."""
+  train.py runs at it, with the executable the search compiled (no second compile)."""
   import os
 
   proc = subprocess.run(
@@ -65,6 +65,7 @@ def test_train_step_benchmark_searches_and_runs_the_largest_batch():
   assert [r["batch_per_device"] for r in search] == [2, 8] and all(r["fits"] for r in search)
   assert summary["largest_by_analysis"] == 8 and summary["smallest_over_by_analysis"] is None
   assert run["batch_per_device"] == 8 and run["step_s"] > 0 and run["first_loss"] > 0
+  assert run["compiled_by"] == "search" and not run["autotuned"] and "compile_s" not in run
   assert summary["largest"] == run and run["total_bytes"] <= 2**30
 
 
@@ -84,3 +85,16 @@ def test_scaling_benchmark_reports_sharded_memory():
   assert report["param_bytes_per_device"] < 0.3 * report["param_bytes_total"]
   assert report["state_bytes_per_device"] < 0.3 * report["state_bytes_total"]
   assert report["total_bytes"] >= report["state_bytes_per_device"] > 0
+
+
+def test_gpu_check_keeps_the_last_summary_of_a_timed_out_stage():
+  """A stage killed by its timeout still reports the summary it printed last (the H
+  step prints one after each run), marked as timed out; without one, an error row."""
+  sys.path.insert(0, str(REPO))
+  from benchmarks.gpu_check import run_json
+
+  script = ('import json, time; print(json.dumps({"rows": [1]}), flush=True); '
+            'print(json.dumps({"batch_per_device": 2}), flush=True); time.sleep(60)')
+  partial = run_json([sys.executable, "-c", script], timeout=3, partial_key="rows")
+  assert partial == {"rows": [1], "timed_out": "after 3 s"}
+  assert run_json([sys.executable, "-c", script], timeout=3) == {"error": "timed out after 3 s"}
