@@ -37,6 +37,9 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--accum-steps", type=int, default=1)
   parser.add_argument("--no-ema", action="store_true", help="without the EMA copy")
   parser.add_argument("--options", default="{}", help="JSON overrides of the variant")
+  parser.add_argument("--init", action="store_true",
+                      help="also lower and compile the sharded init (init_s: the rest of "
+                           "the time to the first step)")
   return parser.parse_args()
 
 
@@ -80,6 +83,10 @@ def main() -> None:
       "machine": machine(),
   }
   report.update(memory_report(compiled))
+  if args.init:
+    start = time.perf_counter()
+    program.init.lower().compile()
+    report["init_s"] = round(time.perf_counter() - start, 1)
   print(json.dumps(report))
 
 

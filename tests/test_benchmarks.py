@@ -76,7 +76,8 @@ def test_scaling_benchmark_reports_sharded_memory():
   proc = subprocess.run(
       [sys.executable, "benchmarks/scaling.py", "--model", "internimage_t", "--image-size", "32",
        "--per-device-batch", "1", "--devices", "4", "--mesh", "data=1,fsdp=4", "--remat",
-       "block", "--options", '{"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8]}'],
+       "block", "--init", "--options",
+       '{"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8]}'],
       cwd=REPO, capture_output=True, text=True, check=True,
       env=dict(os.environ, XLA_FLAGS=""))
   report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -85,6 +86,7 @@ def test_scaling_benchmark_reports_sharded_memory():
   assert report["param_bytes_per_device"] < 0.3 * report["param_bytes_total"]
   assert report["state_bytes_per_device"] < 0.3 * report["state_bytes_total"]
   assert report["total_bytes"] >= report["state_bytes_per_device"] > 0
+  assert report["build_s"] > 0 and report["compile_s"] > 0 and report["init_s"] > 0
 
 
 def test_gpu_check_keeps_the_last_summary_of_a_timed_out_stage():
