@@ -26,7 +26,6 @@ step's augmentation normalises them). On a CPU (no allocator statistics) the lim
 ``--limit-gib``.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -106,7 +105,8 @@ class Bench:
   def compile(self, batch: int, tuned: bool = False):
     """The step compiled for ``batch`` per device, with its compile seconds and memory
     analysis. Without ``tuned``, a GPU compiles without its autotuner: the search needs
-    the memory analysis, not the fastest kernels, and the default kernels run as well."""
+    the memory analysis, not the fastest kernels, and the executable still runs, with
+    XLA's default kernel choices."""
     options = None if tuned or jax.default_backend() != "gpu" else {"xla_gpu_autotune_level": 0}
     start = time.perf_counter()
     compiled = self.program.train_step.lower(
