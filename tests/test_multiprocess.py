@@ -75,7 +75,8 @@ def test_fsdp_across_two_processes_restores_onto_another_mesh(tmp_path):
     results = _train_two_processes(workdir, saved)
   for rc, out, _ in results:
     assert rc == 0, _report(results)
-    assert "restored on mesh {'data': 1, 'fsdp': 8, 'model': 1} over 2 process(es)" in out, _report(results)
+    assert ("restored on mesh {'data': 1, 'fsdp': 8, 'model': 1} over 2 process(es)"
+            in out), _report(results)
   # Each process wrote its own shards of the checkpoint.
   step_dirs = sorted((workdir / "checkpoints").iterdir())
   assert step_dirs, "no checkpoint written"

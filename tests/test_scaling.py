@@ -131,7 +131,6 @@ def test_train_state_size_does_not_grow_with_depth():
   assert mask == want and any(mask) and not all(mask)
 
 
-
 def test_tensor_parallel_placement_rules():
   """The MLP's fc1 and the clip projector's q/k/v split their outputs over ``model``,
   fc2 and the projection their inputs; FSDP takes another dimension; the rest is as

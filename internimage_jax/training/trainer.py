@@ -6,10 +6,11 @@ metrics. State layout: ``{"params", "batch_stats", "opt_state", "step"[, "ema_pa
 placed by the FSDP rule over the mesh (``sharding.py``); the blocks' parameters, their
 optimizer moments and EMA are stacked per level (``models/stacking.py``), so the
 optimizer compiles the same for any depth, and ``merge`` gives the per-block model.
-The step is ``jax.jit`` with explicit in/out shardings and the state donated. All randomness of a step (drop path,
-random erasing, mixup/cutmix) comes from ``(seed, step)``, and host augmentation from
-``(seed, example position)``, so a resumed run draws exactly what an uninterrupted one
-would; the data iterator's position is saved with the state.
+The step is ``jax.jit`` with explicit in/out shardings and the state donated. All
+randomness of a step (drop path, random erasing, mixup/cutmix) comes from ``(seed,
+step)``, and host augmentation from ``(seed, example position)``, so a resumed run
+draws exactly what an uninterrupted one would; the data iterator's position is saved
+with the state.
 """
 
 from __future__ import annotations
@@ -212,9 +213,7 @@ class TrainProgram:
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype),
-                               nnx.state(nnx.merge(graphdef, unstack_blocks(params), rest),
-                                         nnx.BatchStat),
-                               state["batch_stats"])
+                               rest.filter(nnx.BatchStat), state["batch_stats"])
     new_state = {"params": new_params, "batch_stats": batch_stats,
                  "opt_state": opt_state, "step": state["step"] + 1}
     if "ema_params" in state:
