@@ -36,15 +36,20 @@ def test_model_benchmark_runs():
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu(tmp_path):
-  """The prepared GPU command, in its tiny CPU mode (Pallas kernels interpreted)."""
+  """The prepared GPU command, in its tiny CPU mode (Pallas kernels interpreted; no
+  device tests, no CUDA originals)."""
   subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--repeats", "1",
                   "--budget", "400", "--out", str(tmp_path)], check=True, cwd=REPO,
                  capture_output=True, text=True)
   report = json.loads((tmp_path / "gpu_check.json").read_text())
   assert {r["impl"] for r in report["operator"]} == {"pallas", "xla"}
   assert all("train_images_per_second" in s for s in report["train_t"])
-  assert report["train_h"]["largest"]["step_s"] > 0
-  assert "vs xla" in (tmp_path / "gpu_check.md").read_text()
+  assert {tuple(t["key"]) for t in report["tuned"]} == {("forward", 16, "float32"),
+                                                        ("backward", 16, "float32")}
+  modes = {r["mode"] for r in report["sweep"]}
+  assert modes == {"forward", "backward", "backward without grad_x atomics"}
+  markdown = (tmp_path / "gpu_check.md").read_text()
+  assert "vs xla" in markdown and "TUNED_TRITON" in markdown
 
 
 def test_train_step_benchmark_searches_and_runs_the_largest_batch():
@@ -100,3 +105,19 @@ def test_gpu_check_keeps_the_last_summary_of_a_timed_out_stage():
   partial = run_json([sys.executable, "-c", script], timeout=3, partial_key="rows")
   assert partial == {"rows": [1], "timed_out": "after 3 s"}
   assert run_json([sys.executable, "-c", script], timeout=3) == {"error": "timed out after 3 s"}
+
+
+def test_access_pattern_counts_fewer_lines_for_pixel_tiles():
+  """benchmarks/access_pattern.py walks the kernels' own lane mapping: a 4-row tile
+  gathers the same corner rows as a run of one row, from fewer cache lines."""
+  sys.path.insert(0, str(REPO))
+  from benchmarks.access_pattern import program_footprint
+  from pallas_kernels.dcnv3.config import TritonConfig
+  from pallas_kernels.dcnv3.shapes import stage_shapes
+
+  shape = stage_shapes("internimage_t", 1)[1]  # 28 x 28, 8 groups: 8 pixels per program
+  run = program_footprint(shape, TritonConfig(64, 4))
+  tile = program_footprint(shape, TritonConfig(64, 4, tile_rows=4))  # 4 x 2 pixels
+  assert run["programs"] == tile["programs"] == 28 * 28 * 8 // 64
+  assert run["corner_rows"] == pytest.approx(tile["corner_rows"])
+  assert tile["distinct_lines"] < run["distinct_lines"]

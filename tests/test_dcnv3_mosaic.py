@@ -3,7 +3,6 @@ against the goldens and the XLA fallback, and lowering for TPU through ``jax.exp
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ from pallas_kernels.dcnv3.config import MosaicConfig
 from pallas_kernels.dcnv3.mosaic import dcnv3_mosaic
 from pallas_kernels.dcnv3.shapes import stage_shapes
 from test_dcnv3_op import _golden_kwargs
-from test_dcnv3_pallas import _random
+from test_dcnv3_pallas import _random, assert_matches_fallback
 
 # Small blocks keep the interpreter's padded work down; the TPU default is larger.
 SMALL = MosaicConfig(block_q=8, chunk=4)
@@ -58,14 +57,9 @@ def test_interpret_matches_golden(case, dtype):
 def test_interpret_matches_the_fallback(shape, channels, kwargs, offset_std, config):
   params = DCNv3Params.create(**kwargs)
   out_hw = params.output_size(shape[1], shape[2])
-  x, offset, mask, grad_out = _random(shape, channels, params.group, params.num_points, out_hw,
-                                      offset_std=offset_std)
-  got_out, got_vjp = jax.vjp(_mosaic(params, config), x, offset, mask)
-  want_out, want_vjp = jax.vjp(functools.partial(ops.dcnv3, implementation="xla", **kwargs),
-                               x, offset, mask)
-  for name, got, want in zip(("out", "grad_x", "grad_offset", "grad_mask"),
-                             (got_out, *got_vjp(grad_out)), (want_out, *want_vjp(grad_out))):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+  assert_matches_fallback(_mosaic(params, config), kwargs,
+                          *_random(shape, channels, params.group, params.num_points, out_hw,
+                                   offset_std=offset_std))
 
 
 def test_public_api_selects_the_mosaic_kernels():

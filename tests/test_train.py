@@ -261,7 +261,6 @@ def test_data_errors_are_reported_clearly(tmp_path):
 
 def test_gradient_accumulation_averages_micro_batches(tmp_path):
   """accum_steps=2 on a batch of 16 = the mean of two batches of 8 (every other example)."""
-  import jax
   import numpy as np
 
   from internimage_jax.training.trainer import TrainProgram

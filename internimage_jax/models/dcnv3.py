@@ -34,6 +34,7 @@ class DCNv3(nnx.Module, TorchNamed):
       center_feature_scale: bool = False,
       remove_center: bool = False,
       implementation: str = "auto",
+      activation_sharding: jax.sharding.NamedSharding | None = None,
       dtype: Dtype = None,
       param_dtype: Dtype = jnp.float32,
       rngs: nnx.Rngs,
@@ -50,6 +51,8 @@ class DCNv3(nnx.Module, TorchNamed):
     self.remove_center = bool(remove_center)
     self.center_feature_scale = bool(center_feature_scale)
     self.implementation = implementation
+    # The batch split of the activations: the sampling runs per device over it.
+    self.activation_sharding = activation_sharding
     points = kernel_size * kernel_size - int(self.remove_center)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     zeros = nnx.initializers.zeros_init()
@@ -78,7 +81,7 @@ class DCNv3(nnx.Module, TorchNamed):
         v, offset, mask.reshape(n, h, w, -1).astype(v.dtype), kernel_size=self.kernel_size,
         stride=1, pad=(self.kernel_size - 1) // 2, dilation=1, group=self.group,
         offset_scale=self.offset_scale, remove_center=self.remove_center,
-        implementation=self.implementation)
+        implementation=self.implementation, **self._placement())
     if self.center_feature_scale:
       weight = self.center_feature_scale_proj_weight[...].astype(d.dtype)
       bias = self.center_feature_scale_proj_bias[...].astype(d.dtype)
@@ -87,3 +90,10 @@ class DCNv3(nnx.Module, TorchNamed):
       shape = (n, h, w, self.group, self.channels // self.group)
       y = (y.reshape(shape) * (1 - alpha) + v.reshape(shape) * alpha).reshape(y.shape)
     return self.output_proj(y)
+
+  def _placement(self) -> dict:
+    sharding = self.activation_sharding
+    if sharding is None:
+      return {}
+    spec = tuple(sharding.spec)
+    return dict(mesh=sharding.mesh, batch_axes=() if not spec or spec[0] is None else spec[0])

@@ -66,7 +66,8 @@ class Block(nnx.Module, TorchNamed):
       post_norm: bool, layer_scale: float | None, offset_scale: float,
       dw_kernel_size: int | None, res_post_norm: bool, center_feature_scale: bool,
       remove_center: bool, implementation: str, dtype: Dtype, param_dtype: Dtype,
-      rngs: nnx.Rngs, always_drop_stream: bool = False, remat_branches: bool = False):
+      rngs: nnx.Rngs, always_drop_stream: bool = False, remat_branches: bool = False,
+      activation_sharding: jax.sharding.NamedSharding | None = None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.post_norm = post_norm
     # Rematerialise each residual branch on its own (inside a rematerialised block):
@@ -76,7 +77,8 @@ class Block(nnx.Module, TorchNamed):
     self.norm1 = layer_norm(channels, **kw)
     self.dcn = DCNv3(channels=channels, group=group, kernel_size=3, dw_kernel_size=dw_kernel_size,
                      offset_scale=offset_scale, center_feature_scale=center_feature_scale,
-                     remove_center=remove_center, implementation=implementation, **kw)
+                     remove_center=remove_center, implementation=implementation,
+                     activation_sharding=activation_sharding, **kw)
     self.norm2 = layer_norm(channels, **kw)
     self.mlp = MLP(channels, int(channels * mlp_ratio), drop=drop, **kw)
     self.drop_path = DropPath(drop_path, rngs=rngs, always_stream=always_drop_stream)
@@ -192,7 +194,8 @@ class Level(nnx.Module, TorchNamed):
     self.blocks = nnx.List([
         Block(channels, group, drop_path=drop_path[i], post_norm=post_norm,
               center_feature_scale=center_feature_scale, always_drop_stream=always_stream,
-              remat_branches=remat == "block", **block_options, **kw)
+              remat_branches=remat == "block", activation_sharding=activation_sharding,
+              **block_options, **kw)
         for i in range(depth)])
     # The original skips the level norm for post-norm models, except with
     # center_feature_scale (G is post-norm and keeps it).

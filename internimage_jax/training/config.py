@@ -12,6 +12,8 @@ import difflib
 
 from ml_collections import ConfigDict
 
+from pallas_kernels.dcnv3.api import IMPLEMENTATIONS
+
 RECIPE_RANDAUGMENT = "rand-m9-mstd0.5-inc1"
 
 
@@ -28,6 +30,9 @@ def base_config() -> ConfigDict:
       # Recompute each block in the backward pass: "none", "block" (keep only block
       # inputs) or "dots" (also keep matmul outputs). Trades compute for activations.
       remat="none",
+      # DCNv3 sampling: "auto" (the Pallas kernels on GPUs, per device on any mesh),
+      # "xla" (the fallback), "pallas", "pallas_triton" or "pallas_mosaic".
+      implementation="auto",
   ))
   cfg.data = ConfigDict(dict(
       source="tfds",  # "tfds" (tfds.data_source), "folder" (dir/train/<class>/*), "digits"
@@ -120,6 +125,9 @@ def validate(cfg: ConfigDict) -> None:
   if cfg.model.remat not in ("none", "block", "dots"):
     raise ValueError(f"config.model.remat must be 'none', 'block' or 'dots', got "
                      f"{cfg.model.remat!r}")
+  if cfg.model.implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"config.model.implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{cfg.model.implementation!r}")
   if cfg.train.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.train.compute_dtype must be 'float32' or 'bfloat16', got "
                      f"{cfg.train.compute_dtype!r}")

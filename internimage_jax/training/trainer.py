@@ -23,7 +23,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -140,7 +139,8 @@ class TrainProgram:
                          dtype=COMPUTE_DTYPES[cfg.train.compute_dtype],
                          activation_sharding=sharding.batch_sharding(self.mesh),
                          param_sharding=sharding.ParamSharding(self.mesh),
-                         remat=cfg.model.remat, **cfg.model.overrides.to_dict())
+                         remat=cfg.model.remat, implementation=cfg.model.implementation,
+                         **cfg.model.overrides.to_dict())
 
   def abstract_inputs(self, batch: int | None = None):
     """Shape-only ``(state, rng_state, images, labels)`` for lowering the train step."""

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import warnings
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
-from pallas_kernels.dcnv3.config import INTERPRET_CONFIG, MosaicConfig, TritonConfig
+from pallas_kernels.dcnv3.config import INTERPRET_CONFIG, MosaicConfig
 from pallas_kernels.dcnv3.mosaic import dcnv3_mosaic
 from pallas_kernels.dcnv3.params import DCNv3Params, IntOrPair
 from pallas_kernels.dcnv3.reference import dcnv3_xla
-from pallas_kernels.dcnv3.triton import dcnv3_triton
+from pallas_kernels.dcnv3.sharding import Operator, per_device, placement
 
 Implementation = Literal["auto", "xla", "pallas", "pallas_triton", "pallas_mosaic"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas", "pallas_triton", "pallas_mosaic")
@@ -44,18 +50,106 @@ def _check_shapes(x: jax.Array, offset: jax.Array, mask: jax.Array, params: DCNv
           f"{p} points, got {tuple(array.shape)}")
 
 
-def _auto(platform: str, dtype: jnp.dtype) -> str:
+@functools.cache
+def triton_kernels() -> tuple[ModuleType | None, str | None]:
+  """The Triton kernel module, or ``(None, why)`` when this jax has no Pallas Triton
+  backend (deprecated since jax 0.11, to be removed)."""
+  try:
+    return importlib.import_module("pallas_kernels.dcnv3.triton"), None
+  except ImportError as e:
+    return None, f"{type(e).__name__}: {e}"
+
+
+def _triton_or_raise(implementation: str) -> ModuleType:
+  module, why = triton_kernels()
+  if module is None:
+    raise NotImplementedError(
+        f"dcnv3: implementation={implementation!r} needs the Pallas Triton backend, which "
+        f"this jax {jax.__version__} does not have ({why}); use implementation='xla' or "
+        "'auto' (the fallback), or a jax release in the range the README names")
+  return module
+
+
+_WARNED_NO_TRITON = False
+
+
+def _warn_no_triton(why: str) -> None:
+  global _WARNED_NO_TRITON
+  if not _WARNED_NO_TRITON:
+    _WARNED_NO_TRITON = True
+    warnings.warn(
+        f"dcnv3: jax {jax.__version__} has no Pallas Triton backend ({why}); "
+        "implementation='auto' runs the XLA fallback on this GPU (slower, same results)",
+        RuntimeWarning, stacklevel=5)  # the caller of dcnv3
+
+
+def _auto(platform: str, dtype: jnp.dtype, *, placed: bool) -> str:
   """What ``implementation="auto"`` runs.
 
-  The Triton kernels matched the fallback on an H100 at model shapes and beat it
-  (benchmarks/RESULTS.md), so a single GPU uses them. Several devices keep the
-  fallback: XLA cannot partition a kernel's custom call, so batch-sharded operands
-  would be gathered onto every device. TPUs keep it until the Mosaic kernels have
-  run on one, and float64 (a testing dtype) keeps it everywhere.
+  On a GPU the Triton kernels (benchmarks/RESULTS.md), on one device or on any number
+  when the operator knows its placement (``placed``: it then runs per device inside
+  ``shard_map``). Without a known placement several devices keep the fallback: a
+  kernel is an opaque custom call, and XLA would gather operands that jit's
+  ``in_shardings`` split onto every device, where the fallback's gathers partition.
+  TPUs keep the fallback until the Mosaic kernels have run on one, float64 (a testing
+  dtype) everywhere, and a jax without the Pallas Triton backend (with one warning).
   """
-  if platform == "gpu" and jax.device_count() == 1 and dtype != jnp.float64:
-    return "pallas_triton"
-  return "xla"
+  if platform != "gpu" or dtype == jnp.float64:
+    return "xla"
+  if not placed and jax.device_count() > 1 and not _inside_shard_map():
+    return "xla"
+  module, why = triton_kernels()
+  if module is None:
+    _warn_no_triton(why)
+    return "xla"
+  return "pallas_triton"
+
+
+def _inside_shard_map() -> bool:
+  """Whether every axis of the context mesh is manual: the code runs per device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return (mesh is not None and not mesh.empty
+          and all(kind == AxisType.Manual for kind in mesh.axis_types))
+
+
+def _select(implementation: str, dtype: jnp.dtype, *, placed: bool) -> Operator:
+  """The per-device operator ``(x, offset, mask, params) -> out`` of ``implementation``."""
+  platform = jax.default_backend()
+  if implementation == "auto":
+    implementation = _auto(platform, dtype, placed=placed)
+  if implementation == "xla":
+    return dcnv3_xla
+  requested = implementation
+  if implementation == "pallas":
+    implementation = "pallas_mosaic" if platform == "tpu" else "pallas_triton"
+  backend = "triton" if implementation == "pallas_triton" else "mosaic"
+  native = {"triton": "gpu", "mosaic": "tpu"}[backend]
+  if platform not in (native, "cpu"):
+    raise NotImplementedError(
+        f"dcnv3: implementation={implementation!r} runs on {native} (or on cpu in "
+        f"interpret mode), not on {platform!r}")
+  if backend == "triton":
+    kernels = _triton_or_raise(requested)
+    compiled = lambda x, o, m, params: kernels.dcnv3_triton(x, o, m, params, None, False)
+    interpreted = lambda x, o, m, params: kernels.dcnv3_triton(
+        x, o, m, params, INTERPRET_CONFIG, True)
+    native_platform = "cuda"
+  else:
+    compiled = lambda x, o, m, params: dcnv3_mosaic(x, o, m, params, MosaicConfig(), False)
+    interpreted = lambda x, o, m, params: dcnv3_mosaic(
+        x, o, m, params, MosaicConfig(), pltpu.InterpretParams())
+    native_platform = "tpu"
+  if platform == native:
+    return compiled
+
+  def on_cpu(x, o, m, params):
+    # Interpreted where it runs here; compiled where the program is lowered for the
+    # kernel's own platform (jax.export from this host).
+    return jax.lax.platform_dependent(
+        x, o, m, cpu=functools.partial(interpreted, params=params),
+        **{native_platform: functools.partial(compiled, params=params)})
+
+  return on_cpu
 
 
 def dcnv3(
@@ -71,6 +165,8 @@ def dcnv3(
     offset_scale: float = 1.0,
     remove_center: bool = False,
     implementation: Implementation = "auto",
+    mesh: Mesh | AbstractMesh | None = None,
+    batch_axes: str | Sequence[str] | None = None,
 ) -> jax.Array:
   """DCNv3 deformable sampling (spec section 1), channels-last.
 
@@ -86,8 +182,15 @@ def dcnv3(
       ``"pallas"``, this platform's Pallas kernels: Triton on GPU, Mosaic on TPU, the
       Triton kernels in interpret mode on CPU; ``"pallas_triton"`` /
       ``"pallas_mosaic"``, one backend explicitly (on CPU in interpret mode, the way
-      both are tested without hardware); ``"auto"``, the Triton kernels on a single
-      GPU for float32/bfloat16/float16, else the XLA fallback (see below).
+      both are tested without hardware); ``"auto"``, the Triton kernels on a GPU for
+      float32/bfloat16/float16 (on several devices when the placement below is known),
+      else the XLA fallback (``_auto``).
+    mesh: the mesh the operands are split over; by default the one in their
+      sharding type (Explicit axes) or the one set with ``jax.set_mesh``.
+    batch_axes: the mesh axes that split the batch; by default those of ``x``'s
+      sharding type (Explicit axes), else every Auto axis of the mesh. With a mesh the
+      operator runs per device inside ``shard_map`` (``sharding.py``): no operand is
+      gathered and no gradient reduced across devices.
 
   Returns:
     ``[N, Ho, Wo, group * C]`` in the dtype of ``x``; accumulation is float32 for
@@ -101,22 +204,8 @@ def dcnv3(
       offset_scale=offset_scale, remove_center=remove_center)
   x, offset, mask = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(mask)
   _check_shapes(x, offset, mask, params)
-  platform = jax.default_backend()
-  if implementation == "auto":
-    implementation = _auto(platform, x.dtype)
-  if implementation == "xla":
-    return dcnv3_xla(x, offset, mask, params)
-  if implementation == "pallas":
-    implementation = "pallas_mosaic" if platform == "tpu" else "pallas_triton"
-  backend = "triton" if implementation == "pallas_triton" else "mosaic"
-  native = {"triton": "gpu", "mosaic": "tpu"}[backend]
-  if platform not in (native, "cpu"):
-    raise NotImplementedError(
-        f"dcnv3: implementation={implementation!r} runs on {native} (or on cpu in "
-        f"interpret mode), not on {platform!r}")
-  if backend == "triton":
-    if platform == "gpu":
-      return dcnv3_triton(x, offset, mask, params, TritonConfig(), False)
-    return dcnv3_triton(x, offset, mask, params, INTERPRET_CONFIG, True)
-  interpret = False if platform == "tpu" else pltpu.InterpretParams()
-  return dcnv3_mosaic(x, offset, mask, params, MosaicConfig(), interpret)
+  where = placement(x, params, mesh=mesh, batch_axes=batch_axes)
+  op = _select(implementation, x.dtype, placed=where is not None)
+  if where is None:
+    return op(x, offset, mask, params)
+  return per_device(op, where, x, offset, mask, params)
