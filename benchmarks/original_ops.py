@@ -194,6 +194,9 @@ def main() -> None:
 
   import torch
 
+  if not torch.cuda.is_available():
+    print(json.dumps({"error": f"torch {torch.__version__} sees no CUDA device"}))
+    sys.exit(1)
   shapes = [stage_shapes(v, int(b))[int(level)]
             for v, b, level in (item.split(":") for item in args.shapes.split(","))]
   dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]

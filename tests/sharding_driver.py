@@ -146,14 +146,17 @@ def train_case() -> dict:
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, (64,), dtype=np.int32)
-  out, grads = {}, {}
+  out, grads, initial = {}, {}, None
   for impl in ("pallas", "xla"):
     cfg = quickstart.get_config()
     cfg.mesh.update(data=2, fsdp=4)
     cfg.model.implementation = impl
     program = TrainProgram(cfg, num_classes=10, steps_per_epoch=20)
     compiled = program.train_step.lower(*program.abstract_inputs()).compile()
-    state, rng_state = program.init()
+    # One initial state for both (the implementation is not part of it); the step
+    # donates its state, so each step gets a copy.
+    initial = initial or program.init()
+    state, rng_state = jax.tree.map(jnp.copy, initial)
     state, metrics = compiled(state, rng_state, jax.device_put(images, program.batch_sharding),
                               jax.device_put(labels, program.batch_sharding))
     # AdamW's first moment after one step is 0.1 x the (clipped) gradient.
