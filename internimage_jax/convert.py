@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +46,16 @@ STATE_DIR = "state"
 
 class CheckpointMismatchError(ValueError):
   """A state dict does not fit the module; the message lists every problem."""
+
+
+class CheckpointReadError(ValueError):
+  """A weights file or directory that cannot be read (truncated, corrupt, or not what its
+  name says); the message names the file and the problem in one line."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 @dataclasses.dataclass
@@ -222,10 +233,19 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
     from safetensors.numpy import load_file
     if use_ema:
       raise CheckpointMismatchError(f"{path}: safetensors files hold one state dict; no EMA copy")
-    return normalize_state_dict(load_file(str(path)))
+    try:
+      tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+      raise CheckpointReadError(f"cannot read {path} as safetensors: {_first_line(e)}") from None
+    return normalize_state_dict(tensors)
   if suffix == ".npz":
-    with np.load(path, allow_pickle=False) as data:
-      return normalize_state_dict(_unwrap({k: data[k] for k in data.files}, use_ema, path))
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    except Exception as e:  # noqa: BLE001 - a bad zip, pickled objects, a truncated member
+      raise CheckpointReadError(f"cannot read {path} as an .npz archive of arrays "
+                                f"({type(e).__name__})") from None
+    return normalize_state_dict(_unwrap(arrays, use_ema, path))
   if suffix in (".pth", ".pt", ".bin", ".ckpt"):
     try:
       import torch
@@ -233,11 +253,31 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
       raise ImportError(
           f"reading {path.name} needs PyTorch: pip install 'internimage-jax[torch]' "
           "(or convert it to .safetensors elsewhere)") from e
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    return normalize_state_dict(_unwrap(obj, use_ema, path))
+    return normalize_state_dict(_unwrap(_torch_load(torch, path), use_ema, path))
   raise ValueError(
       f"unsupported checkpoint format {path.suffix!r} for {path}; use .pth/.bin, "
       ".safetensors, .npz or an orbax directory written by internimage_jax.convert")
+
+
+def _torch_load(torch, path: Path) -> Any:
+  """``torch.load`` with ``weights_only=True`` (a file can hold code; this reads only
+  tensors and plain containers), its failures in one line."""
+  import pickle
+  import warnings
+
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # e.g. the pickle-protocol notice of plain pickles
+      return torch.load(str(path), map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError:
+    why = ("it holds objects other than tensors and plain containers (a pickled model or "
+           "optimizer?); save the model's state_dict() instead")
+  except RuntimeError as e:
+    why = ("the file is truncated or damaged" if "zip archive" in str(e)
+           else _first_line(e))
+  except Exception as e:  # noqa: BLE001 - torch's reader raises many types on garbage
+    why = f"not a PyTorch checkpoint ({type(e).__name__})"
+  raise CheckpointReadError(f"cannot read {path}: {why}")
 
 
 def _is_orbax_dir(path: Path) -> bool:
@@ -245,24 +285,40 @@ def _is_orbax_dir(path: Path) -> bool:
 
 
 def save_orbax(module: nnx.Module, directory: str | os.PathLike,
-               metadata: Mapping[str, Any] | None = None) -> Path:
+               metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
   """Writes the module's parameters and statistics as an orbax checkpoint directory.
 
   ``metadata`` (model name and options) goes to ``model.json`` beside it, so that
   ``predict`` can rebuild the model. The state is written by orbax, which commits it
-  atomically: an interrupted save never leaves a directory that looks complete.
+  atomically: an interrupted save never leaves a directory that looks complete. An
+  existing checkpoint is replaced only with ``overwrite``, and only once the new one
+  is complete.
   """
   import orbax.checkpoint as ocp
 
   directory = Path(directory).absolute()
-  if (directory / STATE_DIR).exists():
-    raise FileExistsError(f"{directory / STATE_DIR} exists; choose a new output directory")
-  directory.mkdir(parents=True, exist_ok=True)
-  state = nnx.state(module, WEIGHTS)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory / STATE_DIR, state)
-  if metadata is not None:
-    (directory / MODEL_JSON).write_text(json.dumps(dict(metadata), indent=1, sort_keys=True))
+  if (directory / STATE_DIR).exists() and not overwrite:
+    raise FileExistsError(f"{directory} holds a checkpoint; choose a new output directory "
+                          "or pass --overwrite")
+  staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir(parents=True)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(staging / STATE_DIR, nnx.state(module, WEIGHTS))
+    if metadata is not None:
+      (staging / MODEL_JSON).write_text(json.dumps(dict(metadata), indent=1, sort_keys=True))
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (STATE_DIR, MODEL_JSON):  # the old entries go only now, the new take their place
+      old = directory / name
+      if old.is_dir():
+        shutil.rmtree(old)
+      elif old.exists():
+        old.unlink()
+      if (staging / name).exists():
+        os.replace(staging / name, old)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return directory
 
 
@@ -278,10 +334,24 @@ def _load_orbax(module: nnx.Module, directory: Path) -> None:
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
   with ocp.StandardCheckpointer() as ckptr:
     try:
-      restored = ckptr.restore(directory.absolute() / STATE_DIR, abstract)
-    except (ValueError, KeyError) as e:
+      stored = ckptr.metadata(directory.absolute() / STATE_DIR).item_metadata
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+      stored, problem = None, _first_line(e)
+    else:
+      problem = "its _METADATA file is missing"
+    if stored is None:
+      raise CheckpointReadError(f"cannot read orbax checkpoint {directory}: {problem}")
+    shapes = lambda tree: sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
+    if shapes(stored) != shapes(abstract):
       raise CheckpointMismatchError(
-          f"orbax checkpoint {directory} does not match {type(module).__name__}: {e}") from e
+          f"orbax checkpoint {directory} does not match {type(module).__name__}: other "
+          "parameter names or shapes (another variant, or other options in model.json?)")
+    try:
+      restored = ckptr.restore(directory.absolute() / STATE_DIR, abstract)
+    except Exception as e:  # noqa: BLE001 - the metadata fits: the data files are damaged
+      raise CheckpointReadError(
+          f"cannot read orbax checkpoint {directory}: its data is damaged "
+          f"({type(e).__name__}: {_first_line(e)})") from None
   nnx.update(module, restored)
 
 
@@ -328,6 +398,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--use-ema", action="store_true", help="take the 'model_ema' weights")
   parser.add_argument("--options", default="{}",
                       help="JSON overrides of the variant's constructor options")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing output (only once the new one is complete)")
   return parser.parse_args(argv)
 
 
@@ -340,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(options, dict):
       raise ValueError("--options must be a JSON object")
     variants.variant_options(args.model)  # a clear error for an unknown name
+    out = Path(args.out)
+    existing = out if out.suffix == ".safetensors" else out / STATE_DIR
+    if existing.exists() and not args.overwrite:  # before the (slow) reading
+      raise FileExistsError(f"{out} exists; choose another output or pass --overwrite")
     source = Path(args.checkpoint)
     metadata = read_model_json(source) if _is_orbax_dir(source) else {}
     state_dict = None if _is_orbax_dir(source) else read_state_dict(source, use_ema=args.use_ema)
@@ -355,12 +431,12 @@ def main(argv: list[str] | None = None) -> int:
       load_checkpoint(model, source)
     else:
       load_state_dict(model, state_dict)
-    out = Path(args.out)
     if out.suffix == ".safetensors":
       save_safetensors(model, out)
     else:
-      save_orbax(model, out, {"model": args.model, "num_classes": num_classes, "options": options})
-  except (OSError, ValueError, ImportError) as e:
+      save_orbax(model, out, {"model": args.model, "num_classes": num_classes, "options": options},
+                 overwrite=args.overwrite)
+  except (OSError, ValueError, ImportError, TypeError) as e:  # TypeError: an unknown option
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out} ({args.model}, {num_classes} classes)")

@@ -36,13 +36,18 @@ def imagenet_classes() -> tuple[str, ...]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-  """Opens an image as RGB, with an error that names the file when it cannot."""
+  """Opens an image as 8-bit RGB (deeper images scaled), with an error that names the
+  file when it cannot: missing, not an image, damaged, or larger than Pillow's
+  decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, twice over)."""
+  from internimage_jax.training.augment import read_rgb
+
   try:
-    with Image.open(path) as image:
-      return image.convert("RGB")
+    return read_rgb(path)
   except FileNotFoundError:
     raise FileNotFoundError(f"image not found: {path}") from None
-  except (UnidentifiedImageError, OSError) as e:
+  except Image.DecompressionBombError as e:
+    raise ValueError(f"image {path} is too large to read safely: {e}") from None
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from None
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -87,3 +91,45 @@ def assert_rel_close(got, want, tol: float, name: str = "") -> None:
   scale = float(np.max(np.abs(want)))
   err = float(np.max(np.abs(got - want)))
   assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} * max|want| ({scale:.3g})"
+
+
+# ------------------------------------------------------------- the main job, as users run it
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = ["train.py", "--config", "configs/quickstart.py"]
+
+
+# The train.py runs of the tests compile the same few programs again and again: JAX's
+# persistent compilation cache, shared by the test workers, takes a quickstart run from
+# ~40 s to ~15 s on two cores. Only these subprocesses use it (the in-process tests read
+# compiled HLO text, which a cached executable need not carry).
+COMPILATION_CACHE = Path(tempfile.gettempdir()) / f"internimage-jax-tests-{getpass.getuser()}"
+
+
+# Cross-process collectives on a loaded machine: wait as a real cluster would.
+COLLECTIVE_PATIENCE = ("--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+
+
+def train_env(devices: int = 1, xla_flags: str = "") -> dict[str, str]:
+  """The environment of a ``train.py`` subprocess with ``devices`` fake CPU devices."""
+  flags = f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip()
+  return dict(os.environ, XLA_FLAGS=flags, JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE))
+
+
+def run_quickstart(workdir, *overrides, devices: int = 1, check: bool = True, **kwargs):
+  """``python train.py --config configs/quickstart.py --workdir WORKDIR OVERRIDES...``."""
+  proc = subprocess.run([sys.executable, *QUICKSTART, "--workdir", str(workdir), *overrides],
+                        cwd=REPO, env=train_env(devices), capture_output=True, text=True,
+                        check=False, **kwargs)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def metrics_rows(workdir) -> list[dict]:
+  return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(workdir) -> dict[int, float]:
+  """Training loss per step; a resumed run's later lines win."""
+  return {m["step"]: m["train/loss"] for m in metrics_rows(workdir) if "train/loss" in m}

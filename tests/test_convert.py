@@ -202,3 +202,67 @@ def _assert_same(got: dict, want: dict) -> None:
   assert set(got) == set(want)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_damaged_or_foreign_files_are_one_line_errors(tmp_path):
+  import pickle
+
+  import torch
+  from safetensors.numpy import save_file
+
+  torch.save({"a": torch.ones(3)}, tmp_path / "ok.pth")
+  whole = (tmp_path / "ok.pth").read_bytes()
+  (tmp_path / "truncated.pth").write_bytes(whole[:len(whole) // 2])
+  (tmp_path / "garbage.pth").write_bytes(b"hello world" * 10)
+  torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a pickled object, not weights
+  (tmp_path / "plain.bin").write_bytes(pickle.dumps({"a": np.ones(3)}))
+  save_file({"a": np.ones(3, np.float32)}, str(tmp_path / "ok.safetensors"))
+  (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:-5])
+  (tmp_path / "garbage.npz").write_bytes(b"\x00" * 20)
+  expected = {
+      "truncated.pth": "the file is truncated or damaged",
+      "garbage.pth": "not a PyTorch checkpoint",
+      "module.pth": "it holds objects other than tensors",
+      "plain.bin": "it holds objects other than tensors",
+      "truncated.safetensors": "as safetensors: Error while deserializing header",
+      "garbage.npz": "as an .npz archive of arrays",
+  }
+  for name, why in expected.items():
+    with pytest.raises(convert.CheckpointReadError) as info:
+      convert.read_state_dict(tmp_path / name)
+    message = str(info.value)
+    assert name in message and why in message and "\n" not in message, message
+    assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+
+  model = _mini_t()
+  convert.save_orbax(model, tmp_path / "orbax")
+  data = max((tmp_path / "orbax" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:100])
+  with pytest.raises(convert.CheckpointReadError, match="its data is damaged"):
+    convert.load_checkpoint(model, tmp_path / "orbax")
+  (tmp_path / "orbax" / "state" / "_METADATA").unlink()
+  with pytest.raises(convert.CheckpointReadError, match="_METADATA file is missing"):
+    convert.load_checkpoint(model, tmp_path / "orbax")
+
+
+def test_command_line_refuses_existing_outputs_unless_overwrite(tmp_path):
+  pth = str(require_golden() / "model_mini_t.pth")
+  command = [sys.executable, "-m", "internimage_jax.convert", "--model", "internimage_t",
+             "--checkpoint", pth, "--options", json.dumps(MINI_T)]
+  for out in (tmp_path / "mini.safetensors", tmp_path / "orbax"):
+    first = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True,
+                           cwd=REPO, check=False)
+    assert first.returncode == 0, first.stderr
+    written = sorted(p.stat().st_mtime_ns for p in [out, *out.rglob("*")])
+    again = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True,
+                           cwd=REPO, check=False)
+    assert again.returncode == 1
+    assert again.stderr == f"error: {out} exists; choose another output or pass --overwrite\n"
+    assert sorted(p.stat().st_mtime_ns for p in [out, *out.rglob("*")]) == written
+    forced = subprocess.run([*command, "--out", str(out), "--overwrite"], capture_output=True,
+                            text=True, cwd=REPO, check=False)
+    assert forced.returncode == 0, forced.stderr
+  model = _mini_t()
+  convert.load_checkpoint(model, tmp_path / "orbax")
+  _check_mini_t_logits(model)
+  assert not list(tmp_path.glob("orbax.tmp-*"))  # the staging directory is gone

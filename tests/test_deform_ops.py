@@ -554,3 +554,56 @@ def test_nhwc_and_nchw_agree():
   np.testing.assert_allclose(got, jnp.moveaxis(want, 1, -1), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="layout must be"):
     ops.roi_align(x, boxes, size, layout="HWCN")
+
+
+def test_every_operator_accepts_an_empty_batch():
+  x, offset, mask = jnp.zeros((0, 6, 6, 16)), jnp.zeros((0, 6, 6, 36)), jnp.zeros((0, 6, 6, 18))
+  for implementation in ("xla", "pallas"):
+    f = lambda x, o, m: ops.dcnv3(x, o, m, group=2, implementation=implementation)
+    assert f(x, offset, mask).shape == (0, 6, 6, 16)
+    grads = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(x, offset, mask)
+    assert [g.shape for g in grads] == [x.shape, offset.shape, mask.shape]
+  images, weight = jnp.zeros((0, 4, 6, 6)), jnp.ones((5, 4, 3, 3))
+  conv = lambda i, o: ops.deform_conv2d(i, o, weight, padding=1)
+  assert conv(images, jnp.zeros((0, 18, 6, 6))).shape == (0, 5, 6, 6)
+  assert jax.grad(lambda i: conv(i, jnp.zeros((0, 18, 6, 6))).sum())(images).shape == images.shape
+  features, no_boxes = jnp.zeros((0, 8, 6, 6)), jnp.zeros((0, 5))
+  for name, fn in _all_roi_ops().items():
+    assert fn(features, no_boxes, None).shape[0] == 0, name
+    assert jax.grad(lambda f: fn(f, no_boxes, None).sum())(features).shape == features.shape, name
+
+
+def test_boxes_of_no_image_give_zeros_under_jit_and_an_error_when_concrete():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 6))
+  boxes = jnp.array([[0, 1, 1, 4, 4], [2, 1, 1, 4, 4], [-1, 1, 1, 4, 4],
+                     [1, np.nan, 1, 4, 4], [1, 0, 0, 5, np.inf]], jnp.float32)
+  for name, op in _all_roi_ops().items():
+    fn = jax.jit(lambda x, b, op=op: op(x, b, None))
+    with pytest.raises(ValueError, match=r"\w+: box 1 has batch index 2, outside \[0, 2\) "
+                                         r"\(4 bad box\(es\) of 5\)"):
+      op(x, boxes, None)
+    with pytest.raises(ValueError, match=r"\w+: box 0 has a non-finite number"):
+      op(x, boxes[3:], None)
+    out = fn(x, boxes)
+    assert np.abs(np.asarray(out[0])).sum() > 0, name
+    np.testing.assert_array_equal(np.asarray(out[1:]), 0, err_msg=name)
+    grads = jax.grad(lambda x, b: fn(x, b).sum(), argnums=(0, 1))(x, boxes)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads), name
+    # Only box 0 reads the input: the others contribute nothing to its gradient.
+    alone = jax.grad(lambda x: fn(x, boxes[:1]).sum())(x)
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(alone), rtol=1e-6, atol=1e-7)
+
+
+def test_deform_conv2d_propagates_nan_offsets_like_dcnv3():
+  images, weight = jnp.ones((1, 4, 5, 5)), jnp.ones((3, 4, 3, 3))
+  offset = jnp.zeros((1, 18, 5, 5)).at[0, 0, 2, 2].set(jnp.nan)
+  out = ops.deform_conv2d(images, offset, weight, padding=1)
+  nan = np.isnan(np.asarray(out))
+  assert nan[0, :, 2, 2].all() and nan.sum() == 3  # that pixel, every output channel
+  gi, go = jax.grad(lambda i, o: ops.deform_conv2d(i, o, weight, padding=1).sum(),
+                    argnums=(0, 1))(images, offset)
+  assert np.isnan(np.asarray(gi)).any() and np.isnan(np.asarray(go))[0, 0, 2, 2]
+  x = jnp.ones((1, 5, 5, 4))
+  dcn_offset = jnp.zeros((1, 5, 5, 18)).at[0, 2, 2, 0].set(jnp.nan)
+  dcn = ops.dcnv3(x, dcn_offset, jnp.ones((1, 5, 5, 9)), group=1, implementation="xla")
+  assert np.isnan(np.asarray(dcn))[0, 2, 2].all()  # the same convention

@@ -8,7 +8,6 @@ with 8 devices restores it onto another mesh and must get identical values.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -18,6 +17,8 @@ from pathlib import Path
 import warnings
 
 import numpy as np
+
+from helpers import COLLECTIVE_PATIENCE, train_env
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = str(REPO / "tests" / "multiprocess_driver.py")
@@ -29,10 +30,7 @@ def _env(devices: int) -> dict[str, str]:
   # A loaded CI machine (two test workers on two cores, each process with 4 device
   # threads) can hold one process's devices back for long: wait, as on a real cluster,
   # rather than abort a collective after XLA:CPU's default 40 s.
-  flags = (f"--xla_force_host_platform_device_count={devices} "
-           "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
-  return dict(os.environ, XLA_FLAGS=flags, PYTHONFAULTHANDLER="1")
+  return dict(train_env(devices, COLLECTIVE_PATIENCE), PYTHONFAULTHANDLER="1")
 
 
 def _free_port() -> int:

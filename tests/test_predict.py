@@ -63,3 +63,35 @@ def test_command_line_prints_top5(tmp_path):
   assert "cannot read image" in result.stderr and "broken.jpg" in result.stderr
   assert "Traceback" not in result.stderr
   assert result.returncode == 1  # one image failed
+
+
+def test_deep_images_are_scaled_to_8_bits(tmp_path):
+  ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))
+  Image.fromarray(ramp).save(tmp_path / "ramp16.png")  # read back as mode I;16
+  rgb = np.asarray(predict.load_image(tmp_path / "ramp16.png"))
+  assert rgb.dtype == np.uint8 and rgb.shape == (4, 256, 3)
+  np.testing.assert_allclose(rgb[0, :, 0], np.linspace(0, 255, 256), atol=0.51)
+  floats = Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), "F")
+  from internimage_jax.training.augment import to_rgb
+  np.testing.assert_allclose(np.asarray(to_rgb(floats))[..., 0].ravel(),
+                             np.linspace(0, 255, 16), atol=0.51)
+
+
+def test_a_too_large_image_is_reported_and_the_others_still_predicted(tmp_path, monkeypatch,
+                                                                     capsys):
+  from internimage_jax import convert, models
+
+  model = models.create("internimage_t", num_classes=10, **MINI_T)
+  convert.save_orbax(model, tmp_path / "ckpt", {"model": "internimage_t", "num_classes": 10,
+                                                "options": MINI_T})
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2x that is Pillow's hard limit
+  big, small = tmp_path / "big.png", tmp_path / "small.png"
+  Image.new("RGB", (100, 100)).save(big)
+  Image.new("RGB", (20, 20)).save(small)
+  code = predict.main(["--model", "internimage_t", "--checkpoint", str(tmp_path / "ckpt"),
+                       "--image-size", "32", str(big), str(small)])
+  out, err = capsys.readouterr()
+  assert code == 1
+  assert err.startswith(f"error: image {big} is too large to read safely: Image size (10000 "
+                        "pixels) exceeds limit") and err.count("\n") == 1
+  assert out.splitlines()[0] == str(small) and len(out.splitlines()) == 6

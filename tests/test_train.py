@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,92 +15,43 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--config", "configs/quickstart.py"]
-
-
-def _train(workdir, *overrides, devices: int = 1, check: bool = True):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  proc = subprocess.run([sys.executable, "train.py", *QUICK, "--workdir", str(workdir),
-                         *overrides], cwd=REPO, env=env, capture_output=True, text=True,
-                        check=False)
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
-def _metrics(workdir) -> list[dict]:
-  return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(workdir) -> dict[int, float]:
-  """Training loss per step; a resumed run's later lines win."""
-  return {m["step"]: m["train/loss"] for m in _metrics(workdir) if "train/loss" in m}
+from helpers import (COLLECTIVE_PATIENCE, QUICKSTART, REPO, metrics_rows, run_quickstart,
+                     train_env, train_losses)
 
 
 def test_quickstart_learns_the_digits(tmp_path):
-  _train(tmp_path, "--config.train.epochs=3")
-  evals = [m for m in _metrics(tmp_path) if "eval/top1" in m]
+  run_quickstart(tmp_path, "--config.train.epochs=3")
+  evals = [m for m in metrics_rows(tmp_path) if "eval/top1" in m]
   assert evals and evals[-1]["eval/top1"] >= 0.95, evals
   assert 0.0 <= evals[-1]["eval/top5"] <= 1.0
   assert 0.0 <= evals[-1]["eval_ema/top1"] <= 1.0  # the EMA weights are evaluated beside
-  trains = [m for m in _metrics(tmp_path) if "train/loss" in m]
+  trains = [m for m in metrics_rows(tmp_path) if "train/loss" in m]
   assert all(m["train/lr"] > 0 and m["train/images_per_second"] > 0 for m in trains)
   assert (tmp_path / "checkpoints" / str(evals[-1]["step"])).is_dir()
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-STEPWISE = ["--config.train.epochs=2", "--config.log_every_steps=1",
-            "--config.eval_every_steps=1000", "--config.checkpoint.every_steps=10"]
-
-
-def test_killed_run_resumes_with_identical_losses(tmp_path):
-  reference = tmp_path / "reference"
-  _train(reference, *STEPWISE)
-  want = _losses(reference)
-
-  killed = tmp_path / "killed"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.Popen([sys.executable, "train.py", *QUICK, "--workdir", str(killed),
-                           *STEPWISE], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  first = killed / "checkpoints" / "10"
-  deadline = time.time() + 300
-  while not first.is_dir() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert first.is_dir(), "the run never wrote its first checkpoint"
-  result = _train(killed, *STEPWISE)
-  assert "resumed from step" in result.stdout
-  got = _losses(killed)
-  assert sorted(got) == sorted(want)
-  for step, loss in want.items():
-    assert got[step] == pytest.approx(loss, rel=1e-6), step
-
-
 def test_eight_fake_devices_match_one(tmp_path):
   overrides = ["--config.train.epochs=0.2", "--config.log_every_steps=1",
                "--config.eval_every_steps=1000"]
-  _train(tmp_path / "one", *overrides)
-  _train(tmp_path / "eight", *overrides, "--config.mesh.data=2", "--config.mesh.fsdp=4",
+  run_quickstart(tmp_path / "one", *overrides)
+  run_quickstart(tmp_path / "eight", *overrides, "--config.mesh.data=2", "--config.mesh.fsdp=4",
          devices=8)
-  one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+  one, eight = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
   assert sorted(one) == sorted(eight) and len(one) >= 3
   for step in one:
     assert eight[step] == pytest.approx(one[step], rel=1e-5), step
 
 
 def test_bad_input_is_reported_clearly(tmp_path):
-  typo = _train(tmp_path / "a", "--config.train.globl_batch=8", check=False)
+  typo = run_quickstart(tmp_path / "a", "--config.train.globl_batch=8", check=False)
   assert typo.returncode != 0 and "globl_batch" in typo.stderr
-  split = _train(tmp_path / "b", "--config.train.global_batch=63", "--config.mesh.data=2",
+  split = run_quickstart(tmp_path / "b", "--config.train.global_batch=63", "--config.mesh.data=2",
                  devices=2, check=False)
   assert split.returncode != 0 and "not divisible" in split.stderr
   assert "Traceback" not in split.stderr
-  _train(tmp_path / "c", "--config.train.epochs=0.1", "--config.checkpoint.every_steps=1")
-  other = _train(tmp_path / "c", "--config.model.overrides.channels=8", check=False)
+  run_quickstart(tmp_path / "c", "--config.train.epochs=0.1", "--config.checkpoint.every_steps=1")
+  other = run_quickstart(tmp_path / "c", "--config.model.overrides.channels=8", check=False)
   assert other.returncode != 0 and "does not fit this config" in other.stderr
   assert "Traceback" not in other.stderr
 
@@ -116,7 +67,7 @@ def test_init_from_official_weights_and_eval_mode(tmp_path):
   from internimage_jax.training.trainer import Trainer
 
   pth = require_golden() / "model_mini_t.pth"  # the quickstart's architecture, 10 classes
-  result = _train(tmp_path / "eval", "--config.mode=eval", f"--config.init_from={pth}")
+  result = run_quickstart(tmp_path / "eval", "--config.mode=eval", f"--config.init_from={pth}")
   assert "eval: eval/top1" in result.stdout
   assert not (tmp_path / "eval" / "checkpoints").exists() or not list(
       (tmp_path / "eval" / "checkpoints").iterdir())
@@ -135,6 +86,7 @@ def test_init_from_official_weights_and_eval_mode(tmp_path):
   cfg.init_from = str(path)
   trainer = Trainer(cfg, tmp_path / "finetune")
   state, rng_state = trainer.initial_state()
+  trainer.close()
   model = trainer.program.merge(jax.device_get(state), jax.device_get(rng_state))
   got, want = convert.to_state_dict(model), convert.to_state_dict(source)
   for key in want:
@@ -172,30 +124,54 @@ print(fraction(state["params"]), fraction(state["opt_state"]))
   assert params > 0.9 and opt > 0.9, (params, opt)
 
 
-def test_two_processes_match_one(tmp_path):
-  """jax.distributed on localhost: 2 processes x 2 devices = 1 process x 4 devices."""
+def _two_processes(workdir: Path, overrides: list[str], port: int) -> list[subprocess.Popen]:
+  return [subprocess.Popen(
+      [sys.executable, *QUICKSTART, "--workdir", str(workdir), *overrides,
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=train_env(2, COLLECTIVE_PATIENCE), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _free_port() -> int:
   import socket
 
   with socket.socket() as s:
     s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+    return s.getsockname()[1]
+
+
+def test_two_processes_preempted_together_then_match_one(tmp_path):
+  """jax.distributed on localhost: 2 processes x 2 devices = 1 process x 4 devices, with
+  a SIGTERM to process 0 only: both save the same step, exit 143, and resume."""
   overrides = ["--config.train.epochs=0.15", "--config.log_every_steps=1",
                "--config.eval_every_steps=1000"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen(
-      [sys.executable, "train.py", *QUICK, "--workdir", str(tmp_path / "two"), *overrides,
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  two = tmp_path / "two"
+  procs = _two_processes(two, overrides, _free_port())
+  deadline = time.time() + 300
+  while not (two / "lock").exists():  # process 0 has its handlers (they come first)
+    assert time.time() < deadline and all(p.poll() is None for p in procs), "no lock"
+    time.sleep(0.02)
+  procs[0].send_signal(signal.SIGTERM)  # while compiling: honoured at the first step
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+  stops = [re.search(r"stopped by (.+?) at step (\d+)", err) for _, err in outputs]
+  assert stops[0] and stops[1], [err[-2000:] for _, err in outputs]
+  assert [m.group(1) for m in stops] == ["SIGTERM", "a signal to another process"]
+  step = int(stops[0].group(2))
+  assert int(stops[1].group(2)) == step and (two / "checkpoints" / str(step)).is_dir()
+
+  procs = _two_processes(two, overrides, _free_port())
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
+  assert f"resumed from step {step}" in outputs[0][0]
   assert "done:" in outputs[0][0] and "done:" not in outputs[1][0]  # process 0 reports
-  _train(tmp_path / "one", *overrides, devices=4)
-  one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-  assert sorted(one) == sorted(two) and len(one) >= 3
-  for step in one:
-    assert two[step] == pytest.approx(one[step], rel=1e-5), step
+  run_quickstart(tmp_path / "one", *overrides, devices=4)
+  one, two_losses = train_losses(tmp_path / "one"), train_losses(two)
+  assert sorted(one) == sorted(two_losses) and len(one) >= 3
+  for s in one:
+    assert two_losses[s] == pytest.approx(one[s], rel=1e-5), s
 
 
 def _image_folder(root, classes=3, per_class=8):
@@ -227,32 +203,32 @@ def test_image_folder_run_with_the_full_recipe(tmp_path):
   """Image folder, all augmentations, bf16 compute, gradient accumulation, an unreadable
   image skipped and counted; then an eval-only run of the result."""
   root = _image_folder(tmp_path / "images")
-  result = _train(tmp_path / "run", *IMAGENET_STYLE, f"--config.data.dir={root}",
+  result = run_quickstart(tmp_path / "run", *IMAGENET_STYLE, f"--config.data.dir={root}",
                   "--config.train.compute_dtype=bfloat16", "--config.train.accum_steps=2")
   # 6 batches of 8 (48 images) from epochs of 25 files: the corrupt one is met twice.
   assert "skipped 2 unreadable training images" in result.stdout, result.stdout
-  trains = [m for m in _metrics(tmp_path / "run") if "train/loss" in m]
+  trains = [m for m in metrics_rows(tmp_path / "run") if "train/loss" in m]
   assert len(trains) == 2 * (25 // 8)
   assert all(np.isfinite(m["train/loss"]) for m in trains)
   assert trains[-1]["train/skipped_images"] >= 1
-  evals = [m for m in _metrics(tmp_path / "run") if "eval/top1" in m]
+  evals = [m for m in metrics_rows(tmp_path / "run") if "eval/top1" in m]
   assert evals and all(0 <= m["eval/top1"] <= 1 for m in evals)
-  again = _train(tmp_path / "run", *IMAGENET_STYLE, f"--config.data.dir={root}",
+  again = run_quickstart(tmp_path / "run", *IMAGENET_STYLE, f"--config.data.dir={root}",
                  "--config.train.compute_dtype=bfloat16", "--config.train.accum_steps=2",
                  "--config.mode=eval")
   assert "resumed from step 6" in again.stdout and "eval: eval/top1" in again.stdout
 
 
 def test_data_errors_are_reported_clearly(tmp_path):
-  missing = _train(tmp_path / "a", *IMAGENET_STYLE, f"--config.data.dir={tmp_path / 'nowhere'}",
+  missing = run_quickstart(tmp_path / "a", *IMAGENET_STYLE, f"--config.data.dir={tmp_path / 'nowhere'}",
                    check=False)
   assert missing.returncode != 0 and "does not exist" in missing.stderr
   (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
   (tmp_path / "empty" / "val" / "cat").mkdir(parents=True)
-  empty = _train(tmp_path / "b", *IMAGENET_STYLE, f"--config.data.dir={tmp_path / 'empty'}",
+  empty = run_quickstart(tmp_path / "b", *IMAGENET_STYLE, f"--config.data.dir={tmp_path / 'empty'}",
                  check=False)
   assert empty.returncode != 0 and "holds no images" in empty.stderr
-  tfds = _train(tmp_path / "c", "--config.data.source=tfds", "--config.data.name=no_such_set",
+  tfds = run_quickstart(tmp_path / "c", "--config.data.source=tfds", "--config.data.name=no_such_set",
                 f"--config.data.dir={tmp_path}", check=False)
   assert tfds.returncode != 0 and "'no_such_set'" in tfds.stderr
   for proc in (missing, empty, tfds):

@@ -64,8 +64,12 @@ class _Corner(NamedTuple):
 def _corners(py: jax.Array, px: jax.Array, *, height: int, width: int,
              offset_groups: int) -> list[_Corner]:
   """torchvision's rule: a point is sampled when ``-1 < y < H`` and ``-1 < x < W``;
-  each of its four corners contributes only if it lies in the image."""
+  each of its four corners contributes only if it lies in the image. A NaN position
+  (a NaN offset) gives NaN weights, so it propagates to the output and the gradients
+  as in ``dcnv3``, instead of counting as a point outside the image."""
   n = py.shape[0]
+  unknown = jnp.isnan(py) | jnp.isnan(px)
+  nan = jnp.where(unknown, jnp.nan, 0).astype(py.dtype)  # NaN position derivatives too
   inside = (py > -1) & (py < height) & (px > -1) & (px < width)
   y0, x0 = jnp.floor(py), jnp.floor(px)
   ly, lx = py - y0, px - x0
@@ -75,14 +79,15 @@ def _corners(py: jax.Array, px: jax.Array, *, height: int, width: int,
   corners = []
   for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
     yc, xc = y0 + dy, x0 + dx
-    ok = inside & (yc >= 0) & (yc < height) & (xc >= 0) & (xc < width)
+    ok = (inside & (yc >= 0) & (yc < height) & (xc >= 0) & (xc < width)) | unknown
     wy, wx = (ly if dy else 1 - ly), (lx if dx else 1 - lx)
     zero = jnp.zeros_like(wy)
     row = ((batch * height + jnp.clip(yc, 0, height - 1)) * width
            + jnp.clip(xc, 0, width - 1)) * offset_groups + group
     corners.append(_Corner(
         row, jnp.where(ok, wy * wx, zero),
-        jnp.where(ok, (1 if dy else -1) * wx, zero), jnp.where(ok, wy * (1 if dx else -1), zero)))
+        jnp.where(ok, (1 if dy else -1) * wx + nan, zero),
+        jnp.where(ok, wy * (1 if dx else -1) + nan, zero)))
   return corners
 
 

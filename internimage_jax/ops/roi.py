@@ -66,9 +66,11 @@ def _from_nchw(output: jax.Array, layout: str) -> jax.Array:
   return jnp.moveaxis(output, 1, -1) if layout == "NHWC" else output
 
 
-def _boxes_array(op: str, boxes) -> jax.Array:
+def _boxes_array(op: str, boxes, input: jax.Array) -> jax.Array:  # noqa: A002
   """``[K, 5]`` boxes from either of torchvision's forms (outside jit: a list's length
-  is static)."""
+  is static). Concrete boxes (not traced) are checked: a batch index outside
+  ``[0, N)`` or a non-finite number is an error that names the box; traced ones are
+  handled in the pooling (the box gives zeros)."""
   if isinstance(boxes, (list, tuple)):
     # torchvision's other form: one [L_i, 4] array per image.
     parts = []
@@ -83,6 +85,18 @@ def _boxes_array(op: str, boxes) -> jax.Array:
   if boxes.ndim != 2 or boxes.shape[1] != 5:
     raise ValueError(f"{op}: boxes must be [K, 5] (batch_index, x1, y1, x2, y2) or a list of "
                      f"[L, 4] arrays, got shape {tuple(boxes.shape)}")
+  if not isinstance(boxes, jax.core.Tracer) and input.ndim == 4:
+    images = input.shape[0]
+    values = np.asarray(boxes, np.float64)
+    finite = np.isfinite(values).all(axis=1)
+    index = np.trunc(np.where(finite, values[:, 0], 0))  # torchvision casts to int
+    bad = np.flatnonzero(~finite | (index < 0) | (index >= images))
+    if bad.size:
+      k = int(bad[0])
+      why = ("has a non-finite number" if not finite[k] else
+             f"has batch index {int(index[k])}, outside [0, {images})")
+      raise ValueError(f"{op}: box {k} {why} ({bad.size} bad box(es) of {len(values)}); "
+                       "under jit such boxes give zeros")
   return boxes
 
 
@@ -95,7 +109,10 @@ def _output_size(op: str, output_size) -> tuple[int, int]:
 
 def _input_and_boxes(op: str, input: jax.Array, boxes: jax.Array,  # noqa: A002
                      channels_divisor: int = 1):
-  """Checks ``input``; the compute dtype, the boxes' batch indices and coordinates."""
+  """Checks ``input``; the compute dtype, the boxes' batch indices and coordinates, and
+  which boxes are valid. An invalid box (batch index outside ``[0, N)``, a non-finite
+  number) reads image 0 at the origin instead, and :func:`_zero_invalid` zeroes its
+  output: no other image's values, no NaN in any gradient."""
   if input.ndim != 4:
     raise ValueError(f"{op}: input must be rank 4 [N, C, H, W], got shape {tuple(input.shape)}")
   if not jnp.issubdtype(input.dtype, jnp.floating):
@@ -105,8 +122,17 @@ def _input_and_boxes(op: str, input: jax.Array, boxes: jax.Array,  # noqa: A002
                      f"output_size[0] * output_size[1] ({channels_divisor})")
   cdt = compute_dtype(input.dtype)
   boxes = boxes.astype(cdt)  # float32 coordinates even for bfloat16 features
-  batch = jax.lax.stop_gradient(boxes[:, 0]).astype(jnp.int32)
-  return cdt, batch, boxes[:, 1:]
+  index = jax.lax.stop_gradient(boxes[:, 0])
+  valid = jnp.all(jnp.isfinite(boxes), axis=1)
+  index = jnp.trunc(jnp.where(valid, index, 0))
+  valid &= (index >= 0) & (index < input.shape[0])
+  batch = jnp.where(valid, index, 0).astype(jnp.int32)
+  xyxy = jnp.where(valid[:, None], boxes[:, 1:], 0)
+  return cdt, batch, xyxy, valid
+
+
+def _zero_invalid(out: jax.Array, valid: jax.Array) -> jax.Array:
+  return jnp.where(valid[:, None, None, None], out, jnp.zeros((), out.dtype))
 
 
 def _map_rois(fn: Callable[..., jax.Array], input: jax.Array, batch: jax.Array,  # noqa: A002
@@ -251,7 +277,8 @@ def _aligned_pool(op: str, input: jax.Array, boxes: jax.Array,  # noqa: A002
   offset * (roi_width, roi_height)`` (deformable RoI pooling).
   """
   ph, pw = output_size
-  cdt, batch, xyxy = _input_and_boxes(op, input, boxes, ph * pw if position_sensitive else 1)
+  cdt, batch, xyxy, valid = _input_and_boxes(op, input, boxes,
+                                             ph * pw if position_sensitive else 1)
   n, c, h, w = input.shape
   c_out = c // (ph * pw) if position_sensitive else c
   k = batch.shape[0]
@@ -292,7 +319,7 @@ def _aligned_pool(op: str, input: jax.Array, boxes: jax.Array,  # noqa: A002
     wy = wy / count[:, None, None, None]
     wx = _adaptive_axis_weights(x0, step_x[:, None, None], gx[:, None, None], w)
     out = _dense_pool(input, batch, wy, wx, position_sensitive, cdt)
-  return out.astype(input.dtype)
+  return _zero_invalid(out, valid).astype(input.dtype)
 
 
 def roi_align(
@@ -322,7 +349,7 @@ def roi_align(
   """
   op = "roi_align"
   input = _nchw(op, input, layout)
-  out = _aligned_pool(op, input, _boxes_array(op, boxes), None,
+  out = _aligned_pool(op, input, _boxes_array(op, boxes, input), None,
                       output_size=_output_size(op, output_size),
                       spatial_scale=float(spatial_scale), sampling_ratio=int(sampling_ratio),
                       offset_px=0.5 if aligned else 0.0, min_size=not aligned,
@@ -347,7 +374,7 @@ def ps_roi_align(
   """
   op = "ps_roi_align"
   input = _nchw(op, input, layout)
-  out = _aligned_pool(op, input, _boxes_array(op, boxes), None,
+  out = _aligned_pool(op, input, _boxes_array(op, boxes, input), None,
                       output_size=_output_size(op, output_size),
                       spatial_scale=float(spatial_scale), sampling_ratio=int(sampling_ratio),
                       offset_px=0.5, min_size=False, position_sensitive=True)
@@ -391,7 +418,7 @@ def deform_roi_pool(
   op = "deform_roi_pool"
   input = _nchw(op, input, layout)
   ph, pw = _output_size(op, output_size)
-  boxes = _boxes_array(op, boxes)
+  boxes = _boxes_array(op, boxes, input)
   if offset is not None:
     offset = jnp.asarray(offset)
     k = boxes.shape[0]
@@ -452,8 +479,8 @@ def roi_pool(
   """
   op = "roi_pool"
   input = _nchw(op, input, layout)
-  out = _roi_pool(input, _boxes_array(op, boxes), output_size=_output_size(op, output_size),
-                  spatial_scale=float(spatial_scale))
+  out = _roi_pool(input, _boxes_array(op, boxes, input),
+                  output_size=_output_size(op, output_size), spatial_scale=float(spatial_scale))
   return _from_nchw(out, layout)
 
 
@@ -461,7 +488,7 @@ def roi_pool(
 def _roi_pool(input: jax.Array, boxes: jax.Array, *, output_size: tuple[int, int],  # noqa: A002
               spatial_scale: float) -> jax.Array:
   ph, pw = output_size
-  cdt, batch, xyxy = _input_and_boxes("roi_pool", input, boxes)
+  cdt, batch, xyxy, valid = _input_and_boxes("roi_pool", input, boxes)
   n, c, h, w = input.shape
   k = batch.shape[0]
   if k == 0:
@@ -490,7 +517,7 @@ def _roi_pool(input: jax.Array, boxes: jax.Array, *, output_size: tuple[int, int
     return picked.transpose(2, 0, 1)
 
   out = _map_rois(one, input, batch, (in_y, in_x, empty), 2 * pw * c * h * w)
-  return out.astype(input.dtype)
+  return _zero_invalid(out, valid).astype(input.dtype)
 
 
 def _ps_roi_pool_linear(input: jax.Array, batch: jax.Array,  # noqa: A002
@@ -545,8 +572,8 @@ def ps_roi_pool(
   """
   op = "ps_roi_pool"
   input = _nchw(op, input, layout)
-  out = _ps_roi_pool(input, _boxes_array(op, boxes), output_size=_output_size(op, output_size),
-                     spatial_scale=float(spatial_scale))
+  out = _ps_roi_pool(input, _boxes_array(op, boxes, input),
+                     output_size=_output_size(op, output_size), spatial_scale=float(spatial_scale))
   return _from_nchw(out, layout)
 
 
@@ -554,7 +581,7 @@ def ps_roi_pool(
 def _ps_roi_pool(input: jax.Array, boxes: jax.Array, *, output_size: tuple[int, int],  # noqa: A002
                  spatial_scale: float) -> jax.Array:
   ph, pw = output_size
-  cdt, batch, xyxy = _input_and_boxes("ps_roi_pool", input, boxes, ph * pw)
+  cdt, batch, xyxy, valid = _input_and_boxes("ps_roi_pool", input, boxes, ph * pw)
   n, c, h, w = input.shape
   k = batch.shape[0]
   if k == 0:
@@ -571,7 +598,8 @@ def _ps_roi_pool(input: jax.Array, boxes: jax.Array, *, output_size: tuple[int, 
                                      plus_one=False, cdt=cdt)
     weights.append((box_weights(hs, he, h)[:, :, None],  # [K, ph, 1, H]
                     box_weights(ws, we, w)[:, None]))  # [K, 1, pw, W]
-  return _ps_roi_pool_linear(input, batch, weights[0], weights[1], cdt).astype(input.dtype)
+  out = _ps_roi_pool_linear(input, batch, weights[0], weights[1], cdt)
+  return _zero_invalid(out, valid).astype(input.dtype)
 
 
 __all__ = ["deform_roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align", "roi_pool"]

@@ -322,10 +322,28 @@ class RandAugment:
 # --- whole transforms ----------------------------------------------------------------------
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-  # Grey, palette, CMYK and alpha images all become plain RGB (alpha dropped), as the
-  # original's folder loader did.
-  return image if image.mode == "RGB" else image.convert("RGB")
+def to_rgb(image: Image.Image) -> Image.Image:
+  """8-bit RGB. Grey, palette, CMYK and alpha images become plain RGB (alpha dropped),
+  as the original's folder loader did. Deeper images are scaled, not clipped: 16-bit
+  integers (``I;16*``, and ``I``, which is how 16-bit files are read) by 255 / 65535,
+  floating point (``F``) from [0, 1]."""
+  if image.mode == "RGB":
+    return image
+  if image.mode == "I" or image.mode.startswith("I;16"):
+    grey = np.clip(np.asarray(image, np.float64), 0, 65535) * (255 / 65535)
+  elif image.mode == "F":
+    grey = np.clip(np.nan_to_num(np.asarray(image, np.float64)), 0, 1) * 255
+  else:
+    return image.convert("RGB")
+  return Image.fromarray(np.round(grey).astype(np.uint8), "L").convert("RGB")
+
+
+def read_rgb(source) -> Image.Image:
+  """Decodes an image file (a path or a file object) to 8-bit RGB (:func:`to_rgb`);
+  Pillow's errors pass through."""
+  with Image.open(source) as image:
+    rgb = to_rgb(image)
+    return image.copy() if rgb is image else rgb  # loaded before the file closes
 
 
 @dataclasses.dataclass
@@ -351,7 +369,7 @@ class TrainTransform:
                          if self.randaugment else None)
 
   def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
-    image = _to_rgb(image)
+    image = to_rgb(image)
     if self.random_resized_crop:
       image = random_resized_crop(image, self.size, rng, self.scale, self.ratio,
                                   self.interpolation)
@@ -372,4 +390,4 @@ class EvalTransform:
 
   def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
     # `rng` is unused; it keeps the signature of the training transform.
-    return np.array(eval_resize_crop(_to_rgb(image), self.size, self.interpolation), np.uint8)
+    return np.array(eval_resize_crop(to_rgb(image), self.size, self.interpolation), np.uint8)

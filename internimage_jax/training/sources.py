@@ -19,6 +19,8 @@ import numpy as np
 from ml_collections import ConfigDict
 from PIL import Image
 
+from internimage_jax.training.augment import read_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # What torchvision's ImageFolder accepts (the original trains from such a folder).
@@ -41,8 +43,7 @@ class Record:
 def decode_image(data: bytes | str | os.PathLike, name: str) -> Image.Image | None:
   """Pillow decode to RGB; ``None`` (with a warning) for data Pillow cannot read."""
   try:
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-      return image.convert("RGB")
+    return read_rgb(io.BytesIO(data) if isinstance(data, bytes) else data)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     log.warning("skipping unreadable image %s: %s", name, e)
     return None

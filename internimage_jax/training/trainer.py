@@ -11,12 +11,18 @@ randomness of a step (drop path, random erasing, mixup/cutmix) comes from ``(see
 step)``, and host augmentation from ``(seed, example position)``, so a resumed run
 draws exactly what an uninterrupted one would; the data iterator's position is saved
 with the state.
+
+What keeps work safe (``docs/reliability.md``): one run per workdir (``workdir.py``),
+SIGTERM/SIGINT save and stop at a step boundary (``preemption.py``), failed background
+saves stop the run at once and damaged steps are skipped on restore (``checkpoints.py``),
+and a step whose loss or gradients are not finite is not applied, so no diverged state is
+ever saved.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +30,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -32,27 +37,49 @@ from internimage_jax import models
 from internimage_jax.models.stacking import stack_blocks, unstack_blocks
 from internimage_jax.training import augment, batch_augment, optim, pipeline, sharding, sources
 from internimage_jax.training import config as config_lib
+from internimage_jax.training.checkpoints import Checkpoints, everywhere
+from internimage_jax.training.errors import Preempted, TrainingError
+from internimage_jax.training.preemption import PreemptionWatch
+from internimage_jax.training.workdir import WorkdirLock
 
-
-class TrainingError(RuntimeError):
-  """A run that cannot go on (bad configuration, non-finite loss, bad checkpoint)."""
+__all__ = ["Preempted", "TrainProgram", "Trainer", "TrainingError"]
 
 
 class MetricsWriter:
   """``metrics.jsonl`` (one JSON object per line with ``step``) and TensorBoard events
-  in the workdir, written by process 0."""
+  in the workdir, written by process 0.
+
+  ``start(step)`` opens them for a run that begins at ``step``: rows of later steps,
+  written by an earlier run after its last checkpoint, are dropped (the resumed run
+  writes them again), and TensorBoard is told to purge them too.
+  """
 
   def __init__(self, workdir: Path):
+    self.workdir = workdir
     self.path = workdir / "metrics.jsonl"
     self.enabled = jax.process_index() == 0
     self.tensorboard = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter
-      self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+  def start(self, step: int | None = None) -> None:
+    """Opens the writers; ``step``: where training resumes (None: keep every row)."""
+    if not self.enabled:
+      return
+    if step is not None and self.path.is_file():
+      lines = self.path.read_text().splitlines(keepends=True)
+      kept = [line for line in lines if _row_step(line) <= step]
+      if len(kept) != len(lines):
+        staged = self.path.with_name(self.path.name + ".tmp")
+        staged.write_text("".join(kept))
+        os.replace(staged, self.path)
+    from tensorboardX import SummaryWriter
+    self.tensorboard = SummaryWriter(
+        str(self.workdir / "tensorboard"), purge_step=None if step is None else step + 1)
 
   def write(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
       return
+    if self.tensorboard is None:
+      self.start()
     values = {k: float(v) for k, v in values.items()}
     with self.path.open("a") as f:
       f.write(json.dumps({"step": int(step), **values}) + "\n")
@@ -64,6 +91,18 @@ class MetricsWriter:
     if self.tensorboard is not None:
       self.tensorboard.close()
       self.tensorboard = None
+
+
+def _row_step(line: str) -> float:
+  try:
+    return float(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return float("inf")  # a torn last line of a killed run: dropped
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -87,9 +126,11 @@ class TrainProgram:
     self.mean, self.std = tuple(mean), tuple(std)
     batch = cfg.train.global_batch
     ways = sharding.batch_size_of(self.mesh)
-    if batch % ways:
-      raise TrainingError(f"global batch {batch} is not divisible by the {ways}-way "
-                          f"data-parallel split of mesh {dict(self.mesh.shape)}")
+    for name, size in (("config.train.global_batch", batch),
+                       ("config.data.eval_batch", cfg.data.eval_batch or batch)):
+      if size % ways:
+        raise TrainingError(f"{name} {size} is not divisible by the {ways}-way "
+                            f"data-parallel split of mesh {dict(self.mesh.shape)}")
     self.steps_per_epoch = max(1, steps_per_epoch)
     self.total_steps = int(cfg.train.epochs * self.steps_per_epoch)
     self.lr = optim.schedule(cfg.train, batch, self.total_steps, self.steps_per_epoch)
@@ -131,6 +172,11 @@ class TrainProgram:
     self.eval_step = jax.jit(
         self._evaluate, in_shardings=(self.state_shardings, self.rng_shardings)
         + (self.batch_sharding,) * 4, out_shardings=self.replicated)
+    self._all_finite = jax.jit(_all_finite, out_shardings=self.replicated)
+
+  def all_finite(self, state) -> bool:
+    """Whether every floating-point value of ``state`` is finite (checked on device)."""
+    return bool(self._all_finite(state))
 
   def build_model(self, seed: int | None = None) -> models.InternImage:
     cfg = self.cfg
@@ -220,7 +266,14 @@ class TrainProgram:
       decay = cfg.ema_decay
       new_state["ema_params"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                                              state["ema_params"], new_params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.lr(state["step"])}
+    grad_norm = optax.tree.norm(grads)
+    # A diverged step is not applied: the state stays that of the previous step, so it
+    # can never be saved. The flag is known before the update, so each leaf's select
+    # fuses into its update and the donated buffers are still updated in place.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.lr(state["step"]),
+               "finite": finite}
     return new_state, metrics
 
   def _evaluate(self, state, rng_state, images, labels, valid, unreadable):
@@ -245,7 +298,43 @@ class Trainer:
   def __init__(self, cfg: ConfigDict, workdir: str | Path):
     self.cfg = cfg
     self.workdir = Path(workdir).absolute()
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise TrainingError(f"cannot create --workdir {self.workdir}: {e.strerror}") from None
+    self._batches: pipeline.TrainIterator | None = None
+    # From here until close(), SIGTERM / Ctrl-C mean "save at the next step and stop".
+    self._preemption = PreemptionWatch().__enter__() if cfg.mode == "train" else None
+    self._lock = WorkdirLock(self.workdir)
+    try:
+      self._take_lock()
+      self._build(cfg)
+    except BaseException:
+      self._release()
+      raise
+
+  def _release(self) -> None:
+    self._lock.release()
+    if self._preemption is not None:
+      self._preemption.__exit__(None, None, None)
+
+  def _take_lock(self) -> None:
+    """Process 0 takes the workdir's lock; every process learns whether it could."""
+    error = None
+    if jax.process_index() == 0:
+      try:
+        warning = self._lock.acquire()
+      except TrainingError as e:
+        error = e
+      except OSError as e:
+        error = TrainingError(f"cannot write in --workdir {self.workdir}: {e.strerror}")
+      else:
+        if warning:
+          print(warning, file=sys.stderr, flush=True)
+    if not everywhere(error is None):
+      raise error or TrainingError(f"process 0 could not take the lock of {self.workdir}")
+
+  def _build(self, cfg: ConfigDict) -> None:
     try:
       config_lib.validate(cfg)
       self.train_source = sources.make_source(cfg.data, "train") if cfg.mode == "train" else None
@@ -265,15 +354,11 @@ class Trainer:
         size=size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         randaugment=aug.randaugment, random_resized_crop=aug.random_resized_crop)
     self.eval_transform = augment.EvalTransform(size=size)
-    every = cfg.checkpoint.every_steps or self.steps_per_epoch
     self.eval_every = cfg.eval_every_steps or self.steps_per_epoch
-    self.checkpoints = ocp.CheckpointManager(
-        self.workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.checkpoint.keep, save_interval_steps=every,
-            enable_async_checkpointing=True))
+    self.checkpoints = Checkpoints(
+        self.workdir / "checkpoints", keep=cfg.checkpoint.keep,
+        every_steps=cfg.checkpoint.every_steps or self.steps_per_epoch)
     self.metrics = MetricsWriter(self.workdir)
-    self._batches: pipeline.TrainIterator | None = None
 
   # ------------------------------------------------------------ evaluation
   def evaluate(self, state, rng_state) -> dict[str, float]:
@@ -298,37 +383,23 @@ class Trainer:
     return result
 
   # ------------------------------------------------------------ checkpoints
-  def _check_compatible(self, step: int) -> None:
-    """Compares the stored array shapes with this config's state before restoring:
-    a failed orbax restore leaves background tasks behind, a clear error does not."""
-    with ocp.StandardCheckpointer() as reader:
-      stored = reader.metadata(self.workdir / "checkpoints" / str(step) / "state")
-    stored_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(stored.item_metadata))
-    wanted = sorted(tuple(a.shape) for a in jax.tree.leaves(self.program.abstract_state))
-    if stored_shapes != wanted:
-      raise TrainingError(
-          f"the checkpoint at step {step} in {self.workdir / 'checkpoints'} does not fit this "
-          f"config (it holds {len(stored_shapes)} arrays, this model and optimizer need "
-          f"{len(wanted)}, and their shapes differ); use a new --workdir or the old config")
-
   def _restore(self):
-    step = self.checkpoints.latest_step()
-    if step is None:
+    """``(state, data)`` of the newest intact checkpoint, or None when there is none."""
+    restored = self.checkpoints.restore(self.program.abstract_state, self.program.all_finite)
+    if restored is None:
       return None
-    self._check_compatible(step)
-    try:
-      restored = self.checkpoints.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(self.program.abstract_state),
-          data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise TrainingError(
-          f"the checkpoint at step {step} in {self.workdir / 'checkpoints'} does not fit this "
-          f"config (a different model or optimizer?); use a new --workdir. ({e})") from e
-    return restored["state"], restored["data"]
+    state, data, warnings = restored
+    for warning in warnings:
+      self._log(warning, stream=sys.stderr)
+    return state, data
 
-  def _save(self, step: int, state, position: dict, force: bool = False):
-    self.checkpoints.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position)), force=force)
+  def _newest_checkpoint(self) -> str:
+    latest = self.checkpoints.latest_step()
+    if latest is None:
+      return "No checkpoint was saved before it."
+    return (f"The newest checkpoint, step {latest} in {self.checkpoints.directory}, holds only "
+            "finite values (checked when it was saved or restored); resuming repeats the same "
+            "steps, so change the recipe first (e.g. a lower train.lr).")
 
   # ------------------------------------------------------------------ init
   def initial_state(self):
@@ -367,17 +438,29 @@ class Trainer:
   def run(self) -> dict[str, float]:
     """Trains (or, with ``mode="eval"``, evaluates); returns the last evaluation."""
     try:
-      return self._run()
-    finally:
-      self.close()
+      summary = self._run()
+    except BaseException:
+      self.close(quiet=True)
+      raise
+    self.close()
+    return summary
 
-  def close(self) -> None:
-    """Finishes pending checkpoint writes, stops the input threads, closes the writers."""
-    if self._batches is not None:
-      self._batches.close()
-    self.checkpoints.wait_until_finished()
-    self.checkpoints.close()
-    self.metrics.close()
+  def close(self, quiet: bool = False) -> None:
+    """Finishes pending checkpoint writes, stops the input threads, closes the writers,
+    releases the workdir and the signal handlers. ``quiet``: a failed save is not raised
+    (another error is on its way)."""
+    try:
+      if self._batches is not None:
+        self._batches.close()
+        self._batches = None
+      try:
+        self.checkpoints.close()
+      except TrainingError:
+        if not quiet:
+          raise
+      self.metrics.close()
+    finally:
+      self._release()
 
   def _run(self) -> dict[str, float]:
     cfg = self.cfg
@@ -386,13 +469,14 @@ class Trainer:
     resumed = self._restore()  # the workdir's newest checkpoint wins over init_from
     if resumed is not None:
       state, position = resumed
-      self._log(f"resumed from step {int(state['step'])} ({self.workdir / 'checkpoints'})")
+      self._log(f"resumed from step {int(state['step'])} ({self.checkpoints.directory})")
     if cfg.mode == "eval":
       summary = self.evaluate(state, rng_state)
       self.metrics.write(int(state["step"]), summary)
       self._log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
       return summary
     start = int(state["step"])
+    self.metrics.start(start)
     mesh = self.program.mesh
     try:
       self._batches = pipeline.TrainIterator(
@@ -406,17 +490,21 @@ class Trainer:
     summary: dict[str, float] = {}
     best: tuple[float, int] | None = None
     started = time.perf_counter()
+    preemption = self._preemption  # installed since __init__: a signal while compiling counts
     for step in range(start, self.total_steps):
+      self.checkpoints.check()  # a background save that failed stops the run here
       batch = next(self._batches)
       state, metrics = self.program.train_step(
           state, rng_state, sharding.global_batch(mesh, batch["image"]),
           sharding.global_batch(mesh, batch["label"]))
       loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        self.checkpoints.wait_until_finished()
-        raise TrainingError(f"loss became {loss} at step {step + 1}; stopping. The last good "
-                            f"checkpoint is step {self.checkpoints.latest_step()}.")
       done = step + 1
+      if not bool(metrics["finite"]):
+        self.checkpoints.wait()
+        raise TrainingError(
+            f"the loss ({loss}) or the gradient norm ({float(metrics['grad_norm'])}) is not "
+            f"finite at step {done}; stopped without applying it. "
+            + self._newest_checkpoint())
       speed = progress.update(done, loss, float(metrics["lr"]))
       if done % cfg.log_every_steps == 0 or done == self.total_steps:
         self.metrics.write(done, {"train/loss": loss, "train/lr": metrics["lr"],
@@ -429,8 +517,23 @@ class Trainer:
         progress.note(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
         if best is None or summary["eval/top1"] > best[0]:
           best = (summary["eval/top1"], done)
-      self._save(done, state, self._batches.state(), force=done == self.total_steps)
-    self.checkpoints.wait_until_finished()
+      stop = preemption.reached()
+      if stop or done == self.total_steps or self.checkpoints.due(done):
+        if not self.program.all_finite(state):
+          self.checkpoints.wait()
+          raise TrainingError(
+              f"the state after step {done} holds non-finite values although its loss and "
+              "gradients were finite (an optimizer statistic overflowed?); it was not saved. "
+              + self._newest_checkpoint())
+        self.checkpoints.save(done, state, self._batches.state(), force=True)
+      if stop:
+        self.checkpoints.wait()
+        progress.close()
+        raise Preempted(
+            f"stopped by {preemption.describe()} at step {done} of {self.total_steps}; saved "
+            f"{self.checkpoints.directory / str(done)}; run the same command to resume",
+            preemption.exit_code)
+    self.checkpoints.wait()
     progress.close()
     if not summary:  # nothing left to train (a finished run started again): report it
       summary = self.evaluate(state, rng_state)
@@ -454,9 +557,9 @@ class Trainer:
     lines.append(f"  checkpoints: {self.workdir / 'checkpoints'}; metrics: {self.metrics.path}")
     self._log("\n".join(lines))
 
-  def _log(self, message: str) -> None:
+  def _log(self, message: str, stream=None) -> None:
     if jax.process_index() == 0:
-      print(message, flush=True)
+      print(message, file=stream or sys.stdout, flush=True)
 
 
 class _Progress:

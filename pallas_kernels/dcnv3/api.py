@@ -204,6 +204,8 @@ def dcnv3(
       offset_scale=offset_scale, remove_center=remove_center)
   x, offset, mask = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(mask)
   _check_shapes(x, offset, mask, params)
+  if 0 in offset.shape[:3]:  # an empty batch or output: nothing to sample, nothing to launch
+    return jnp.zeros((*offset.shape[:3], x.shape[-1]), x.dtype)
   where = placement(x, params, mesh=mesh, batch_axes=batch_axes)
   op = _select(implementation, x.dtype, placed=where is not None)
   if where is None:

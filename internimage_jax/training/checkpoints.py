@@ -1,0 +1,181 @@
+"""The run's checkpoints: background saves that fail loudly, restores that skip damage.
+
+A step's checkpoint is the train state (orbax ``StandardSave``, sharded over processes)
+and the input pipeline's position (JSON). Orbax writes each step under a temporary name
+and renames it when complete, so a crash, a kill or a full disk never leaves a step that
+looks complete; what such an interruption leaves behind (``*.orbax-checkpoint-tmp``) is
+removed when the next run opens the directory. A save that fails in the background is
+reported at the next step boundary (``check``), not at the next save. A step that cannot
+be read back (a truncated file, a lost ``_METADATA``) or holds non-finite values is moved
+to ``damaged_checkpoints/`` beside the directory and the next older step is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from internimage_jax.training.errors import TrainingError
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+def describe(error: BaseException) -> str:
+  """One line for a failed read or write: the OS error when one is behind it."""
+  text = str(error).strip()
+  code = re.search(r"os_error_code='(\d+)'", text)  # tensorstore's wrapped errno
+  if code:
+    return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+  if isinstance(error, OSError) and error.strerror:
+    return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+  first = text.splitlines()[0] if text else ""
+  first = first.split(" See full TensorStore details")[0].rstrip(".")
+  return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+
+
+def everywhere(ok: bool) -> bool:
+  """True when ``ok`` holds on every process (one collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+class Checkpoints:
+  """Saves and restores ``{"state", "data"}`` steps in ``directory`` (all processes)."""
+
+  def __init__(self, directory: Path, *, every_steps: int, keep: int):
+    self.directory = Path(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=every_steps,
+            enable_async_checkpointing=True, cleanup_tmp_directories=True))
+    self._in_flight: int | None = None  # the step of the last save started
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  # ----------------------------------------------------------------- saving
+  def due(self, step: int) -> bool:
+    """Whether ``step`` is one the options save (the interval, or a preemption)."""
+    return bool(self.manager.should_save(step))
+
+  def save(self, step: int, state, data: dict, *, force: bool = False) -> bool:
+    """Starts a background save of ``step`` when due (or ``force``); True if it did."""
+    self.check()
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
+    except Exception as e:  # noqa: BLE001 - any failure to start a save stops the run
+      raise self._failure(step, e) from None
+    if saved:
+      self._in_flight = step
+    return bool(saved)
+
+  def check(self) -> None:
+    """Raises ``TrainingError`` when the last background save has failed."""
+    if self._in_flight is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight; ``TrainingError`` if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._failure(self._in_flight, e) from None
+    self._in_flight = None
+
+  def _failure(self, step: int | None, error: BaseException) -> TrainingError:
+    self._in_flight = None
+    self.manager.reload()  # what is complete on disk, not what was started
+    latest = self.manager.latest_step()
+    newest = (f"the newest complete checkpoint is step {latest}" if latest is not None
+              else "no checkpoint is complete")
+    return TrainingError(
+        f"saving the checkpoint of step {step} in {self.directory} failed ({describe(error)}); "
+        f"{newest}; fix the cause (free disk space?) and run the same command to resume")
+
+  def close(self) -> None:
+    """Finishes the save in flight (its failure is raised) and releases orbax."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  # -------------------------------------------------------------- restoring
+  def _unreadable(self, step: int, abstract_state) -> str | None:
+    """Why the step's metadata cannot be used, or None; a ``TrainingError`` when it is
+    intact but made for another model or optimizer."""
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        stored = reader.metadata(self.directory / str(step) / "state").item_metadata
+    except Exception as e:  # noqa: BLE001
+      return describe(e)
+    if stored is None:
+      return "its _METADATA file is missing"
+    stored_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(stored))
+    wanted = sorted(tuple(a.shape) for a in jax.tree.leaves(abstract_state))
+    if stored_shapes != wanted:
+      raise TrainingError(
+          f"the checkpoint at step {step} in {self.directory} does not fit this config (it "
+          f"holds {len(stored_shapes)} arrays, this model and optimizer need {len(wanted)}, "
+          "and their shapes differ); use a new --workdir or the old config")
+    return None
+
+  def restore(self, abstract_state, all_finite: Callable[[Any], bool]
+              ) -> tuple[Any, dict, list[str]] | None:
+    """``(state, data, warnings)`` of the newest intact step, or None when there is none.
+
+    Damaged steps newer than it are moved to ``damaged_checkpoints/`` (one warning each);
+    when every step is damaged nothing is moved and the error says so.
+    """
+    damaged: list[tuple[int, str]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      problem = self._unreadable(step, abstract_state)
+      restored = None
+      if problem is None:
+        try:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - a damaged step; older ones may be intact
+          problem = describe(e)
+        else:
+          if not all_finite(restored["state"]):
+            problem = "its state holds non-finite values"
+      if everywhere(problem is None):
+        return restored["state"], restored["data"], self._set_aside(damaged, step)
+      damaged.append((step, problem or "unreadable on another process"))
+    if damaged:
+      listed = "; ".join(f"step {s}: {p}" for s, p in damaged)
+      raise TrainingError(
+          f"no checkpoint in {self.directory} can be restored ({listed}); move them away to "
+          "start from scratch, or use a new --workdir")
+    return None
+
+  def _set_aside(self, damaged: list[tuple[int, str]], good: int) -> list[str]:
+    aside = self.directory.parent / DAMAGED_DIR
+    warnings = []
+    for step, problem in damaged:
+      target = aside / str(step)
+      n = 1
+      while target.exists():
+        target, n = aside / f"{step}.{n}", n + 1
+      if jax.process_index() == 0:
+        aside.mkdir(exist_ok=True)
+        shutil.move(self.directory / str(step), target)
+      warnings.append(f"warning: the checkpoint of step {step} is damaged ({problem}); moved "
+                      f"it to {target} and resumed from step {good}")
+    if damaged:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("internimage_jax: damaged checkpoints moved")
+      self.manager.reload()
+    return warnings
