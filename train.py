@@ -16,6 +16,7 @@ code 1); ``--verbose`` (or ``INTERNIMAGE_VERBOSE=1``) shows tracebacks and libra
 import os
 import re
 import sys
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -117,6 +118,8 @@ def main(argv):
   if not verbose:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     sys.unraisablehook = _quiet_unraisable
+    # The same failed writes' coroutines, reported once more at exit.
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
   import jax
 
   if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
