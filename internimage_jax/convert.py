@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from internimage_jax.models.layers import TorchNamed
+from internimage_jax.training.errors import describe, first_line
 
 # Leaf names of flax's own layers -> the PyTorch parameter name.
 _FLAX_LEAVES = {"kernel": "weight", "scale": "weight"}
@@ -51,11 +52,6 @@ class CheckpointMismatchError(ValueError):
 class CheckpointReadError(ValueError):
   """A weights file or directory that cannot be read (truncated, corrupt, or not what its
   name says); the message names the file and the problem in one line."""
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 @dataclasses.dataclass
@@ -236,7 +232,7 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
     try:
       tensors = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-      raise CheckpointReadError(f"cannot read {path} as safetensors: {_first_line(e)}") from None
+      raise CheckpointReadError(f"cannot read {path} as safetensors: {first_line(e)}") from None
     return normalize_state_dict(tensors)
   if suffix == ".npz":
     try:
@@ -273,8 +269,7 @@ def _torch_load(torch, path: Path) -> Any:
     why = ("it holds objects other than tensors and plain containers (a pickled model or "
            "optimizer?); save the model's state_dict() instead")
   except RuntimeError as e:
-    why = ("the file is truncated or damaged" if "zip archive" in str(e)
-           else _first_line(e))
+    why = "the file is truncated or damaged" if "zip archive" in str(e) else first_line(e)
   except Exception as e:  # noqa: BLE001 - torch's reader raises many types on garbage
     why = f"not a PyTorch checkpoint ({type(e).__name__})"
   raise CheckpointReadError(f"cannot read {path}: {why}")
@@ -309,14 +304,14 @@ def save_orbax(module: nnx.Module, directory: str | os.PathLike,
     if metadata is not None:
       (staging / MODEL_JSON).write_text(json.dumps(dict(metadata), indent=1, sort_keys=True))
     directory.mkdir(parents=True, exist_ok=True)
-    for name in (STATE_DIR, MODEL_JSON):  # the old entries go only now, the new take their place
-      old = directory / name
-      if old.is_dir():
-        shutil.rmtree(old)
-      elif old.exists():
-        old.unlink()
+    for name in (STATE_DIR, MODEL_JSON):
+      # The old entry moves into the staging folder (deleted below), then the new one
+      # takes its place: at no moment is neither of them on disk.
+      target = directory / name
+      if target.exists():
+        os.replace(target, staging / f"{name}.replaced")
       if (staging / name).exists():
-        os.replace(staging / name, old)
+        os.replace(staging / name, target)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return directory
@@ -330,28 +325,27 @@ def read_model_json(directory: str | os.PathLike) -> dict[str, Any]:
 def _load_orbax(module: nnx.Module, directory: Path) -> None:
   import orbax.checkpoint as ocp
 
+  from internimage_jax.training.checkpoints import (UnreadableCheckpoint, shapes_of,
+                                                    stored_shapes)
+
   target = nnx.state(module, WEIGHTS)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  state_dir = directory.absolute() / STATE_DIR
+  try:
+    stored = stored_shapes(state_dir)
+  except UnreadableCheckpoint as e:
+    raise CheckpointReadError(f"cannot read orbax checkpoint {directory}: {e}") from None
+  if stored != shapes_of(abstract):
+    raise CheckpointMismatchError(
+        f"orbax checkpoint {directory} does not match {type(module).__name__}: other "
+        "parameter names or shapes (another variant, or other options in model.json?)")
   with ocp.StandardCheckpointer() as ckptr:
     try:
-      stored = ckptr.metadata(directory.absolute() / STATE_DIR).item_metadata
-    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
-      stored, problem = None, _first_line(e)
-    else:
-      problem = "its _METADATA file is missing"
-    if stored is None:
-      raise CheckpointReadError(f"cannot read orbax checkpoint {directory}: {problem}")
-    shapes = lambda tree: sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
-    if shapes(stored) != shapes(abstract):
-      raise CheckpointMismatchError(
-          f"orbax checkpoint {directory} does not match {type(module).__name__}: other "
-          "parameter names or shapes (another variant, or other options in model.json?)")
-    try:
-      restored = ckptr.restore(directory.absolute() / STATE_DIR, abstract)
+      restored = ckptr.restore(state_dir, abstract)
     except Exception as e:  # noqa: BLE001 - the metadata fits: the data files are damaged
       raise CheckpointReadError(
-          f"cannot read orbax checkpoint {directory}: its data is damaged "
-          f"({type(e).__name__}: {_first_line(e)})") from None
+          f"cannot read orbax checkpoint {directory}: its data is damaged ({describe(e)})"
+      ) from None
   nnx.update(module, restored)
 
 

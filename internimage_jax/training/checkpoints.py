@@ -12,8 +12,6 @@ to ``damaged_checkpoints/`` beside the directory and the next older step is used
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,22 +22,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from internimage_jax.training.errors import TrainingError
+from internimage_jax.training.errors import TrainingError, describe
 
 DAMAGED_DIR = "damaged_checkpoints"
 
 
-def describe(error: BaseException) -> str:
-  """One line for a failed read or write: the OS error when one is behind it."""
-  text = str(error).strip()
-  code = re.search(r"os_error_code='(\d+)'", text)  # tensorstore's wrapped errno
-  if code:
-    return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
-  if isinstance(error, OSError) and error.strerror:
-    return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
-  first = text.splitlines()[0] if text else ""
-  first = first.split(" See full TensorStore details")[0].rstrip(".")
-  return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+class UnreadableCheckpoint(ValueError):
+  """An orbax state directory whose metadata cannot be read; the message says why."""
+
+
+def stored_shapes(state_dir: Path) -> list[tuple[int, ...]]:
+  """The sorted array shapes an orbax ``StandardSave`` directory holds, read from its
+  metadata alone; ``UnreadableCheckpoint`` when that cannot be read."""
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      stored = reader.metadata(state_dir).item_metadata
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+    raise UnreadableCheckpoint(describe(e)) from None
+  if stored is None:
+    raise UnreadableCheckpoint("its _METADATA file is missing")
+  return shapes_of(stored)
+
+
+def shapes_of(tree) -> list[tuple[int, ...]]:
+  """The sorted shapes of a tree's leaves (arrays, shape structs or orbax metadata)."""
+  return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
 def everywhere(ok: bool) -> bool:
@@ -69,17 +76,15 @@ class Checkpoints:
     """Whether ``step`` is one the options save (the interval, or a preemption)."""
     return bool(self.manager.should_save(step))
 
-  def save(self, step: int, state, data: dict, *, force: bool = False) -> bool:
-    """Starts a background save of ``step`` when due (or ``force``); True if it did."""
+  def save(self, step: int, state, data: dict) -> None:
+    """Starts a background save of ``step`` (the caller decides when: ``due``)."""
     self.check()
     try:
-      saved = self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
     except Exception as e:  # noqa: BLE001 - any failure to start a save stops the run
       raise self._failure(step, e) from None
-    if saved:
-      self._in_flight = step
-    return bool(saved)
+    self._in_flight = step
 
   def check(self) -> None:
     """Raises ``TrainingError`` when the last background save has failed."""
@@ -116,18 +121,14 @@ class Checkpoints:
     """Why the step's metadata cannot be used, or None; a ``TrainingError`` when it is
     intact but made for another model or optimizer."""
     try:
-      with ocp.StandardCheckpointer() as reader:
-        stored = reader.metadata(self.directory / str(step) / "state").item_metadata
-    except Exception as e:  # noqa: BLE001
-      return describe(e)
-    if stored is None:
-      return "its _METADATA file is missing"
-    stored_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(stored))
-    wanted = sorted(tuple(a.shape) for a in jax.tree.leaves(abstract_state))
-    if stored_shapes != wanted:
+      stored = stored_shapes(self.directory / str(step) / "state")
+    except UnreadableCheckpoint as e:
+      return str(e)
+    wanted = shapes_of(abstract_state)
+    if stored != wanted:
       raise TrainingError(
           f"the checkpoint at step {step} in {self.directory} does not fit this config (it "
-          f"holds {len(stored_shapes)} arrays, this model and optimizer need {len(wanted)}, "
+          f"holds {len(stored)} arrays, this model and optimizer need {len(wanted)}, "
           "and their shapes differ); use a new --workdir or the old config")
     return None
 

@@ -525,7 +525,7 @@ class Trainer:
               f"the state after step {done} holds non-finite values although its loss and "
               "gradients were finite (an optimizer statistic overflowed?); it was not saved. "
               + self._newest_checkpoint())
-        self.checkpoints.save(done, state, self._batches.state(), force=True)
+        self.checkpoints.save(done, state, self._batches.state())
       if stop:
         self.checkpoints.wait()
         progress.close()
