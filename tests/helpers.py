@@ -110,17 +110,27 @@ COLLECTIVE_PATIENCE = ("--xla_cpu_collective_call_terminate_timeout_seconds=600 
                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 
 
-def train_env(devices: int = 1, xla_flags: str = "") -> dict[str, str]:
-  """The environment of a ``train.py`` subprocess with ``devices`` fake CPU devices."""
-  flags = f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip()
-  return dict(os.environ, XLA_FLAGS=flags, JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE))
+# Quick codegen (a quarter off a quickstart run on two cores): these runs check
+# behaviour, and every run they compare with is built the same way.
+QUICK_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def run_quickstart(workdir, *overrides, devices: int = 1, check: bool = True, **kwargs):
+def train_env(devices: int = 1, xla_flags: str = "", cache: bool = True) -> dict[str, str]:
+  """The environment of a ``train.py`` subprocess with ``devices`` fake CPU devices.
+  ``cache=False`` for a process whose writes may fail (it would leave a cut entry)."""
+  flags = f"--xla_force_host_platform_device_count={devices} {QUICK_CODEGEN} {xla_flags}".strip()
+  env = dict(os.environ, XLA_FLAGS=flags)
+  if cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(COMPILATION_CACHE)
+  return env
+
+
+def run_quickstart(workdir, *overrides, devices: int = 1, check: bool = True,
+                   cache: bool = True, **kwargs):
   """``python train.py --config configs/quickstart.py --workdir WORKDIR OVERRIDES...``."""
   proc = subprocess.run([sys.executable, *QUICKSTART, "--workdir", str(workdir), *overrides],
-                        cwd=REPO, env=train_env(devices), capture_output=True, text=True,
-                        check=False, **kwargs)
+                        cwd=REPO, env=train_env(devices, cache=cache), capture_output=True,
+                        text=True, check=False, **kwargs)
   if check:
     assert proc.returncode == 0, proc.stderr[-3000:]
   return proc

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import QUICK_CODEGEN
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -64,7 +66,7 @@ def test_train_step_benchmark_searches_and_runs_the_largest_batch():
        "--budget", "600", "--options",
        '{"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8]}'],
       cwd=REPO, capture_output=True, text=True, check=True,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+      env=dict(os.environ, XLA_FLAGS=QUICK_CODEGEN, JAX_PLATFORMS="cpu"))
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   *search, run = summary["rows"]
   assert [r["batch_per_device"] for r in search] == [2, 8] and all(r["fits"] for r in search)
@@ -84,7 +86,7 @@ def test_scaling_benchmark_reports_sharded_memory():
        "block", "--init", "--options",
        '{"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8]}'],
       cwd=REPO, capture_output=True, text=True, check=True,
-      env=dict(os.environ, XLA_FLAGS=""))
+      env=dict(os.environ, XLA_FLAGS=QUICK_CODEGEN))
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report["mesh"] == {"data": 1, "fsdp": 4} and report["devices"] == 4
   # Nearly every tensor splits four ways; a few small ones (odd sizes) do not.

@@ -20,7 +20,7 @@ from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from helpers import TOL_OP_F32, TOL_X64
+from helpers import QUICK_CODEGEN, TOL_OP_F32, TOL_X64
 from internimage_jax import ops
 from test_dcnv3_pallas import CUDA_DEVICE, TRITON_CALL
 
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _driver(case: str) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=QUICK_CODEGEN)
   proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharding_driver.py"), case],
                         cwd=REPO, env=env, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

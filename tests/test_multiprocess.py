@@ -51,7 +51,12 @@ def _train_two_processes(workdir: Path, saved: Path) -> list[tuple[int, str, str
 
 
 def _report(results) -> str:
-  return "\n".join(f"--- process {i}: exit {rc}\nstdout:\n{out[-1500:]}\nstderr:\n{err[-3000:]}"
+  # A fatal error's Python stacks (PYTHONFAULTHANDLER) come before a long list of
+  # extension modules, which says nothing: leave it out.
+  def trimmed(err: str) -> str:
+    return re.sub(r"\nExtension modules:.*", "", err, flags=re.S)[-6000:]
+
+  return "\n".join(f"--- process {i}: exit {rc}\nstdout:\n{out[-1500:]}\nstderr:\n{trimmed(err)}"
                    for i, (rc, out, err) in enumerate(results))
 
 

@@ -124,7 +124,16 @@ def test_layer_decay_groups_follow_the_original():
   assert optim.lr_multipliers(model, off) is None  # from scratch: one LR group
 
 
-@pytest.mark.parametrize("name", RECIPES)
+# Each path once by default: from scratch (T), a fine-tune with layer decay (L), every
+# option of the large models at 640 px (H). The other four take one of these paths
+# (``pytest -m slow`` compiles them too).
+COMPILED_BY_DEFAULT = ("internimage_t_1k_224", "internimage_l_22kto1k_384",
+                       "internimage_h_22kto1k_640")
+
+
+@pytest.mark.parametrize("name", [
+    name if name in COMPILED_BY_DEFAULT else pytest.param(name, marks=pytest.mark.slow)
+    for name in RECIPES])
 def test_recipe_train_step_compiles(name):
   """The full-size model's train step (augmentation, EMA, LR groups) lowers and compiles
   from abstract shapes only: nothing of the model is allocated."""

@@ -124,7 +124,7 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_complete_checkpoint(tmp_
   run_quickstart(tmp_path, *short)
   assert _steps(tmp_path) == [10, 11]
   longer = ["--config.train.epochs=1", "--config.checkpoint.every_steps=5"]
-  full = run_quickstart(tmp_path, *longer, check=False, preexec_fn=_limit_file_size)
+  full = run_quickstart(tmp_path, *longer, check=False, cache=False, preexec_fn=_limit_file_size)
   assert full.returncode == 1
   assert full.stderr == (
       f"error: saving the checkpoint of step 15 in {tmp_path / 'checkpoints'} failed (File too "

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from helpers import precision
+from helpers import QUICK_CODEGEN, precision
 from internimage_jax import models
 from internimage_jax.models.layers import DropPath, late_remat, remat_call, scan_remat
 from internimage_jax.models.stacking import STACKED, stack_blocks, unstack_blocks
@@ -209,7 +209,7 @@ def test_tensor_parallel_matches_fsdp():
   gradients of FSDP over 4 devices, holds a quarter of each MLP matrix per device, and
   trains (the full step: remat, scanned levels, clip projector)."""
   options = dict(MINI_H, depths=(1, 1, 2, 1), level2_post_norm_block_ids=(1,))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {QUICK_CODEGEN}",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, "-c", _TENSOR_PARALLEL, json.dumps(options)], cwd=REPO,
                         env=env, capture_output=True, text=True, check=True)
@@ -337,32 +337,36 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def compiled_steps() -> dict:
-  runs = [("internimage_h", "data=1,fsdp=4", "block"), ("internimage_h", "data=4,fsdp=1", "block"),
-          ("internimage_t", "data=1,fsdp=4", "block"), ("internimage_t", "data=1,fsdp=4", "none")]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+def _compiled_steps(runs: list[tuple[str, str, str]]) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {QUICK_CODEGEN}",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(runs)], cwd=REPO, env=env,
                         capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_fsdp_keeps_activations_batch_sharded(compiled_steps):
+# A memory property of XLA's partitioning, not a component: FSDP with every H option
+# trains for real in tests/test_multiprocess.py.
+@pytest.mark.slow
+def test_fsdp_keeps_activations_batch_sharded():
   """FSDP over 4 devices needs about the activation memory of pure data parallelism:
   each block gathers its weights, and activations are never resharded by channel
   (the depthwise conv and the clip head once made XLA all-to-all them)."""
-  fsdp = compiled_steps["internimage_h data=1,fsdp=4 block"]
-  data = compiled_steps["internimage_h data=4,fsdp=1 block"]
+  compiled = _compiled_steps([("internimage_h", "data=1,fsdp=4", "block"),
+                              ("internimage_h", "data=4,fsdp=1", "block")])
+  fsdp = compiled["internimage_h data=1,fsdp=4 block"]
+  data = compiled["internimage_h data=4,fsdp=1 block"]
   assert fsdp["all_to_all"] == 0, fsdp
   assert fsdp["temp"] < 1.3 * data["temp"], (fsdp, data)
   # The block-stacked state is split like one block's parameters, block axis whole.
   assert fsdp["stacked_block_axis_split"] == 0 and fsdp["stacked_split"] > 0.3, fsdp
 
 
-def test_block_remat_saves_memory_on_cpu(compiled_steps):
+def test_block_remat_saves_memory_on_cpu():
   """remat="block" lowers the compiled temporaries on XLA:CPU too, whose CSE merges a
   plain jax.checkpoint's recomputation back into the forward pass."""
-  none = compiled_steps["internimage_t data=1,fsdp=4 none"]
-  block = compiled_steps["internimage_t data=1,fsdp=4 block"]
+  compiled = _compiled_steps([("internimage_t", "data=1,fsdp=4", "block"),
+                              ("internimage_t", "data=1,fsdp=4", "none")])
+  none = compiled["internimage_t data=1,fsdp=4 none"]
+  block = compiled["internimage_t data=1,fsdp=4 block"]
   assert block["temp"] < 0.5 * none["temp"], (block, none)

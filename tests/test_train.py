@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import (COLLECTIVE_PATIENCE, QUICKSTART, REPO, metrics_rows, run_quickstart,
-                     train_env, train_losses)
+from helpers import (COLLECTIVE_PATIENCE, QUICK_CODEGEN, QUICKSTART, REPO, metrics_rows,
+                     run_quickstart, train_env, train_losses)
 
 
 def test_quickstart_learns_the_digits(tmp_path):
@@ -116,7 +116,7 @@ def fraction(tree):
     return len(sharded) / len(leaves)
 print(fraction(state["params"]), fraction(state["opt_state"]))
 """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {QUICK_CODEGEN}")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                         text=True, check=True)
   params, opt = map(float, proc.stdout.split()[-2:])

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from internimage_jax.training.errors import TrainingError, describe
+from internimage_jax.training.processes import barrier, everywhere
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -49,13 +48,6 @@ def shapes_of(tree) -> list[tuple[int, ...]]:
   return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def everywhere(ok: bool) -> bool:
-  """True when ``ok`` holds on every process (one collective when there are several)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
 class Checkpoints:
   """Saves and restores ``{"state", "data"}`` steps in ``directory`` (all processes)."""
 
@@ -78,7 +70,9 @@ class Checkpoints:
 
   def save(self, step: int, state, data: dict) -> None:
     """Starts a background save of ``step`` (the caller decides when: ``due``)."""
-    self.check()
+    # orbax's save waits for the previous one anyway; waiting here names the step whose
+    # save failed, not the step that found out.
+    self.wait()
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
@@ -149,11 +143,10 @@ class Checkpoints:
               state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - a damaged step; older ones may be intact
           problem = describe(e)
-        else:
-          if not all_finite(restored["state"]):
-            problem = "its state holds non-finite values"
-      if everywhere(problem is None):
-        return restored["state"], restored["data"], self._set_aside(damaged, step)
+      if everywhere(problem is None, f"step {step} read"):
+        if all_finite(restored["state"]):  # on every process together: a collective
+          return restored["state"], restored["data"], self._set_aside(damaged, step)
+        problem = "its state holds non-finite values"
       damaged.append((step, problem or "unreadable on another process"))
     if damaged:
       listed = "; ".join(f"step {s}: {p}" for s, p in damaged)
@@ -176,7 +169,6 @@ class Checkpoints:
       warnings.append(f"warning: the checkpoint of step {step} is damaged ({problem}); moved "
                       f"it to {target} and resumed from step {good}")
     if damaged:
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("internimage_jax: damaged checkpoints moved")
+      barrier("damaged checkpoints moved")
       self.manager.reload()
     return warnings

@@ -37,9 +37,10 @@ from internimage_jax import models
 from internimage_jax.models.stacking import stack_blocks, unstack_blocks
 from internimage_jax.training import augment, batch_augment, optim, pipeline, sharding, sources
 from internimage_jax.training import config as config_lib
-from internimage_jax.training.checkpoints import Checkpoints, everywhere
+from internimage_jax.training.checkpoints import Checkpoints
 from internimage_jax.training.errors import Preempted, TrainingError
 from internimage_jax.training.preemption import PreemptionWatch
+from internimage_jax.training.processes import StartedTogether, everywhere
 from internimage_jax.training.workdir import WorkdirLock
 
 __all__ = ["Preempted", "TrainProgram", "Trainer", "TrainingError"]
@@ -172,7 +173,8 @@ class TrainProgram:
     self.eval_step = jax.jit(
         self._evaluate, in_shardings=(self.state_shardings, self.rng_shardings)
         + (self.batch_sharding,) * 4, out_shardings=self.replicated)
-    self._all_finite = jax.jit(_all_finite, out_shardings=self.replicated)
+    self._all_finite = StartedTogether(jax.jit(_all_finite, out_shardings=self.replicated),
+                                       "finiteness check")
 
   def all_finite(self, state) -> bool:
     """Whether every floating-point value of ``state`` is finite (checked on device)."""
@@ -331,7 +333,7 @@ class Trainer:
       else:
         if warning:
           print(warning, file=sys.stderr, flush=True)
-    if not everywhere(error is None):
+    if not everywhere(error is None, "workdir locked"):
       raise error or TrainingError(f"process 0 could not take the lock of {self.workdir}")
 
   def _build(self, cfg: ConfigDict) -> None:
@@ -348,6 +350,10 @@ class Trainer:
       raise TrainingError(f"global batch {batch} exceeds the {len(self.train_source)} "
                           "training examples")
     self.program = TrainProgram(cfg, data.num_classes, steps_per_epoch, data.mean, data.std)
+    # Several processes start each program together (processes.py says why).
+    self._init = StartedTogether(self.program.init, "init")
+    self._train_step = StartedTogether(self.program.train_step, "train step")
+    self._eval_step = StartedTogether(self.program.eval_step, "eval step")
     self.steps_per_epoch, self.total_steps = self.program.steps_per_epoch, self.program.total_steps
     size, aug = cfg.data.image_size, cfg.aug
     self.train_transform = augment.TrainTransform(
@@ -371,7 +377,7 @@ class Trainer:
         threads=self.cfg.data.threads):
       arrays = [sharding.global_batch(self.program.mesh, local[k])
                 for k in ("image", "label", "valid", "unreadable")]
-      out = self.program.eval_step(state, rng_state, *arrays)
+      out = self._eval_step(state, rng_state, *arrays)
       for k, v in out.items():
         totals[k] = totals.get(k, 0) + int(v)
     count, unreadable = totals.pop("count"), totals.pop("unreadable")
@@ -409,7 +415,7 @@ class Trainer:
     but the head, which keeps its fresh initialisation; any other mismatch is an error.
     """
     program = self.program
-    state, rng_state = program.init()
+    state, rng_state = self._init()
     if not self.cfg.init_from:
       return state, rng_state
     from internimage_jax import convert
@@ -494,7 +500,7 @@ class Trainer:
     for step in range(start, self.total_steps):
       self.checkpoints.check()  # a background save that failed stops the run here
       batch = next(self._batches)
-      state, metrics = self.program.train_step(
+      state, metrics = self._train_step(
           state, rng_state, sharding.global_batch(mesh, batch["image"]),
           sharding.global_batch(mesh, batch["label"]))
       loss = float(metrics["loss"])
