@@ -22,8 +22,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, UnidentifiedImageError
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from internimage_jax.training.augment import IMAGENET_MEAN, IMAGENET_STD
 
 
 @cache
@@ -56,7 +55,7 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
   from internimage_jax.training.augment import eval_resize_crop
 
   array = np.asarray(eval_resize_crop(image, size), np.float32) / 255.0
-  return (array - IMAGENET_MEAN) / IMAGENET_STD
+  return (array - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
 
 
 def load_model(model_name: str, checkpoint: str | Path, num_classes: int | None = None,

@@ -392,7 +392,7 @@ def test_eval_transform_matches_predict_preprocess(w, h, size):
   assert out.shape == (size, size, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(np.asarray(augment.eval_resize_crop(image, size)), out)
   want = predict.preprocess(image, size)
-  undone = (want * predict.IMAGENET_STD + predict.IMAGENET_MEAN) * 255.0
+  undone = (want * np.float32(predict.IMAGENET_STD) + np.float32(predict.IMAGENET_MEAN)) * 255.0
   np.testing.assert_allclose(out, undone, atol=1e-3)
   # And the device-side normalisation completes predict's transform.
   np.testing.assert_allclose(np.asarray(batch_augment.normalize(out)), want, atol=1e-6)
@@ -559,7 +559,6 @@ def test_normalize():
   np.testing.assert_allclose(got, (images / 255.0 - mean) / std, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_batch_ops_on_a_sharded_batch():
   # Two host devices in a fresh process: the sharded results equal the unsharded ones.
   code = """

@@ -87,6 +87,19 @@ def test_variant_structure_matches_the_spec():
     models.create("internimage_x")
 
 
+def test_kernel_shape_table_agrees_with_the_variants():
+  """pallas_kernels keeps its own table of the real-model operator shapes (it imports
+  nothing from the model package): it must say what the variants say."""
+  from internimage_jax.models.variants import IMAGE_SIZES, VARIANTS
+  from pallas_kernels.dcnv3 import shapes
+
+  assert shapes.VARIANTS.keys() == VARIANTS.keys()
+  for name, (stem, groups, offset_scale, size) in shapes.VARIANTS.items():
+    options = VARIANTS[name]
+    assert (stem, groups, size) == (options["channels"], options["groups"], IMAGE_SIZES[name])
+    assert offset_scale == options.get("offset_scale", 1.0), name
+
+
 def test_feature_api_shapes_and_strides():
   model = models.create("internimage_t", num_classes=7, **MINI_T)
   model.eval()

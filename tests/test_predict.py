@@ -31,7 +31,7 @@ def test_preprocess_resizes_the_short_side_and_centre_crops():
   out = predict.preprocess(Image.fromarray(array), 10)
   assert out.shape == (10, 10, 3) and out.dtype == np.float32
   # Short side 20 -> 10 makes it 20x10; the centre 10 columns are the white middle.
-  white = (1.0 - predict.IMAGENET_MEAN) / predict.IMAGENET_STD
+  white = (1.0 - np.float32(predict.IMAGENET_MEAN)) / np.float32(predict.IMAGENET_STD)
   np.testing.assert_allclose(out[:, 2:8], np.broadcast_to(white, (10, 6, 3)), atol=0.05)
 
 

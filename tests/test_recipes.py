@@ -70,6 +70,13 @@ def test_config_errors_name_the_key():
   cfg.model.remat = "blocks"
   with pytest.raises(ValueError, match="config.model.remat must be"):
     config_lib.validate(cfg)
+  # Model options are the constructor's; a typo is named before anything is built
+  # (a TypeError raised while building is a bug, reported as one).
+  cfg = load_config("internimage_t_1k_224")
+  cfg.model.overrides.drop_path_rat = 0.2
+  with pytest.raises(ValueError, match=r"model.overrides.drop_path_rat \(did you mean "
+                     r"model.overrides.drop_path_rate\?\)"):
+    config_lib.validate(cfg)
 
 
 def test_schedule_matches_the_recipe():

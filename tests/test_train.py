@@ -236,8 +236,12 @@ def test_data_errors_are_reported_clearly(tmp_path):
 
 
 def test_gradient_accumulation_averages_micro_batches(tmp_path):
-  """accum_steps=2 on a batch of 16 = the mean of two batches of 8 (every other example)."""
+  """accum_steps=2 on a batch of 16 = the mean of two batches of 8 (every other example):
+  the loss, the gradients (AdamW's first moment after one step is 0.1 x the gradient)
+  and the BatchNorm statistics, which the micro-batches update one after the other."""
+  import jax
   import numpy as np
+  import optax
 
   from internimage_jax.training.trainer import TrainProgram
 
@@ -248,19 +252,47 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path):
   def program(batch, accum):
     cfg = quickstart.get_config()
     cfg.model.overrides.drop_path_rate = 0.0
-    cfg.train.update(global_batch=batch, accum_steps=accum, label_smoothing=0.0)
+    cfg.train.update(global_batch=batch, accum_steps=accum, label_smoothing=0.0,
+                     clip_grad=1e9)  # no clipping: the moments are the gradients
     return TrainProgram(cfg, num_classes=10, steps_per_epoch=10)
+
+  def first_moment(state):
+    return optax.tree_utils.tree_get(state["opt_state"], "mu")
 
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, 16).astype(np.int32)
   whole = program(16, 2)
   state, rngs = whole.init()
-  _, metrics = whole.train_step(state, rngs, images, labels)
+  before = jax.device_get(state["batch_stats"])  # the step donates the state
+  after, metrics = jax.device_get(whole.train_step(state, rngs, images, labels))
   half = program(8, 1)
-  losses = []
+  losses, halves = [], []
   for start in (0, 1):
     state, rngs = half.init()
-    _, m = half.train_step(state, rngs, images[start::2], labels[start::2])
+    new, m = jax.device_get(half.train_step(state, rngs, images[start::2], labels[start::2]))
     losses.append(float(m["loss"]))
+    halves.append(new)
   assert float(metrics["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
+
+  mu = jax.tree.leaves(first_moment(after))
+  mu_halves = [jax.tree.leaves(first_moment(h)) for h in halves]
+  scale = max(float(np.max(np.abs(m))) for m in mu)
+  assert len(mu) > 20 and scale > 0
+  for got, a, b in zip(mu, *mu_halves):
+    np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-4, atol=1e-5 * scale)
+
+  # BatchNorm (momentum 0.1, PyTorch's rule): from s0, the micro-batches give
+  # s2 = 0.9 s1 + 0.1 b1, where s1 = 0.9 s0 + 0.1 b0 is the first half's result and
+  # 0.1 b1 = h1 - 0.9 s0 the second's; the batch counter moves by two.
+  stats = jax.tree_util.tree_leaves_with_path(after["batch_stats"])
+  assert stats, "the quickstart model has BatchNorm statistics"
+  for (path, got), s0, h0, h1 in zip(stats, jax.tree.leaves(before),
+                                     *(jax.tree.leaves(h["batch_stats"]) for h in halves)):
+    name = jax.tree_util.keystr(path)
+    if "num_batches_tracked" in name:
+      assert got == s0 + 2 and h0 == s0 + 1, name
+    else:
+      assert not np.allclose(h0, s0), name  # the step really updates the statistics
+      np.testing.assert_allclose(got, 0.9 * h0 + (h1 - 0.9 * s0), rtol=1e-5, atol=1e-6,
+                                 err_msg=name)

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from internimage_jax.models.layers import Dtype
-from internimage_jax.ops.deform import IntOrPair, deform_conv2d, pair
+from internimage_jax.ops.deform import deform_conv2d
 from internimage_jax.ops.roi import deform_roi_pool
+from pallas_kernels.dcnv3.params import IntOrPair, pair
 
 
 def _uniform(bound: float) -> nnx.Initializer:

@@ -28,23 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-IntOrPair = int | tuple[int, int]
-
-
-def pair(value: IntOrPair, name: str) -> tuple[int, int]:
-  """``(h, w)`` from an int or a pair; ValueError naming ``name`` otherwise."""
-  if isinstance(value, int):
-    return value, value
-  try:
-    h, w = value
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-  return int(h), int(w)
-
-
-def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
-  """float32 for float32 and narrower inputs, float64 for float64."""
-  return jnp.promote_types(dtype, jnp.float32)
+from pallas_kernels.dcnv3.params import IntOrPair, pair
+from pallas_kernels.dcnv3.reference import compute_dtype
 
 
 def _check_float(name: str, array: jax.Array) -> None:

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internimage_jax.ops.deform import compute_dtype, pair
+from pallas_kernels.dcnv3.params import pair
+from pallas_kernels.dcnv3.reference import compute_dtype
 
 # Elements of per-RoI work (per-RoI feature-map copies and their products) per chunk.
 _CHUNK_ELEMENTS = 1 << 23

@@ -24,8 +24,11 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 BICUBIC = Image.Resampling.BICUBIC
-# The ImageNet mean in 0..255, the colour timm fills uncovered areas of affine ops with.
-IMAGENET_FILL = (124, 116, 104)
+# The normalisation of the official weights (and of every source here), in 0..1.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The mean in 0..255, (124, 116, 104): the colour timm fills uncovered areas of affine ops with.
+IMAGENET_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 # RandAugment's magnitude scale: a magnitude m means the fraction m / 10 of each op's range.
 _LEVEL_DENOM = 10.0

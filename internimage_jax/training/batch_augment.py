@@ -20,8 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from internimage_jax.training.augment import IMAGENET_MEAN, IMAGENET_STD
 
 
 def normalize(images: jax.Array, mean: Sequence[float] = IMAGENET_MEAN,

@@ -9,6 +9,7 @@ ml_collections (the config is locked).
 from __future__ import annotations
 
 import difflib
+import inspect
 
 from ml_collections import ConfigDict
 
@@ -110,9 +111,22 @@ def _unknown(cfg: ConfigDict, schema: ConfigDict, prefix: str = "") -> list[str]
     if key not in schema:
       close = difflib.get_close_matches(key, list(schema.keys()), n=1)
       problems.append(name + (f" (did you mean {prefix + close[0]}?)" if close else ""))
-    elif isinstance(value, ConfigDict) and name != "model.overrides":
+    elif name == "model.overrides":
+      problems += _unknown(value, ConfigDict(dict.fromkeys(_model_options())), name + ".")
+    elif isinstance(value, ConfigDict):
       problems += _unknown(value, schema[key], name + ".")
   return problems
+
+
+def _model_options() -> list[str]:
+  """What ``config.model.overrides`` may set: InternImage's constructor options, less
+  those the trainer sets from other keys."""
+  from internimage_jax.models.internimage import InternImage
+
+  set_by_trainer = {"self", "num_classes", "rngs", "dtype", "activation_sharding",
+                    "param_sharding", "remat", "implementation"}
+  return [p for p in inspect.signature(InternImage.__init__).parameters
+          if p not in set_by_trainer]
 
 
 def validate(cfg: ConfigDict) -> None:

@@ -19,10 +19,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from PIL import Image
 
-from internimage_jax.training.augment import read_rgb
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from internimage_jax.training.augment import IMAGENET_MEAN, IMAGENET_STD, read_rgb
 # What torchvision's ImageFolder accepts (the original trains from such a folder).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 

@@ -117,7 +117,7 @@ class TrainProgram:
   """
 
   def __init__(self, cfg: ConfigDict, num_classes: int, steps_per_epoch: int,
-               mean=sources.IMAGENET_MEAN, std=sources.IMAGENET_STD):
+               mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
     try:
       config_lib.validate(cfg)
       self.mesh = sharding.make_mesh(cfg.mesh.to_dict())
@@ -152,10 +152,7 @@ class TrainProgram:
       return state, rng_state
 
     # Shapes first, then the sharded init: nothing is allocated unsharded.
-    try:
-      abstract_state, abstract_rng = jax.eval_shape(init)
-    except TypeError as e:  # an unknown model option in config.model.overrides
-      raise TrainingError(f"config.model: {e}") from None
+    abstract_state, abstract_rng = jax.eval_shape(init)  # options: config.validate
     self.state_shardings = sharding.state_shardings(abstract_state, self.mesh)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.rng_shardings = jax.tree.map(lambda _: self.replicated, abstract_rng)

@@ -8,24 +8,27 @@ non-differentiable argument of ``jax.custom_vjp``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 
 IntOrPair = int | Sequence[int]
 
 
-def _pair(name: str, value: IntOrPair) -> tuple[int, int]:
-  """Normalises an int or a pair of ints to a ``(h, w)`` tuple."""
-  if isinstance(value, bool):
-    raise TypeError(f"dcnv3: {name} must be an int or a pair of ints, got {value!r}")
-  if isinstance(value, int):
-    return (value, value)
+def pair(value: IntOrPair, name: str) -> tuple[int, int]:
+  """``(h, w)`` from an int or a pair of ints; a ValueError naming ``name`` otherwise
+  (for every operator of the project)."""
+  def is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+  if is_int(value):
+    return int(value), int(value)
   try:
-    pair = tuple(value)
-  except TypeError:
-    raise TypeError(f"dcnv3: {name} must be an int or a pair of ints, got {value!r}") from None
-  if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-    raise TypeError(f"dcnv3: {name} must be an int or a pair of ints, got {value!r}")
-  return pair  # type: ignore[return-value]
+    h, w = value
+  except (TypeError, ValueError):
+    h = w = None
+  if not (is_int(h) and is_int(w)):
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+  return int(h), int(w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +56,10 @@ class DCNv3Params:
       remove_center: bool = False,
   ) -> DCNv3Params:
     params = cls(
-        kernel=_pair("kernel_size", kernel_size),
-        stride=_pair("stride", stride),
-        pad=_pair("pad", pad),
-        dilation=_pair("dilation", dilation),
+        kernel=pair(kernel_size, "dcnv3: kernel_size"),
+        stride=pair(stride, "dcnv3: stride"),
+        pad=pair(pad, "dcnv3: pad"),
+        dilation=pair(dilation, "dcnv3: dilation"),
         group=group,
         offset_scale=float(offset_scale),
         remove_center=bool(remove_center),
