@@ -143,3 +143,49 @@ def metrics_rows(workdir) -> list[dict]:
 def train_losses(workdir) -> dict[int, float]:
   """Training loss per step; a resumed run's later lines win."""
   return {m["step"]: m["train/loss"] for m in metrics_rows(workdir) if "train/loss" in m}
+
+
+# ------------------------------------------------------- DCNv3: shared by every backend's tests
+TRITON_CALL = "__gpu$xla.gpu.triton"
+# Lowering a Triton kernel asks for the target GPU; without one attached (CI), newer
+# JAX reads it from the abstract mesh's device. An H100, the card we benchmark on.
+CUDA_DEVICE = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                          platform="gpu")
+
+
+def dcnv3_golden_kwargs(entry: dict) -> dict:
+  """``ops.dcnv3`` keyword arguments of a ``dcnv3_core`` golden's index entry."""
+  return dict(
+      kernel_size=(entry["kernel_h"], entry["kernel_w"]),
+      stride=(entry["stride_h"], entry["stride_w"]),
+      pad=(entry["pad_h"], entry["pad_w"]),
+      dilation=(entry["dilation_h"], entry["dilation_w"]),
+      group=entry["group"],
+      offset_scale=entry["offset_scale"],
+      remove_center=bool(entry["remove_center"]),
+  )
+
+
+def dcnv3_random_operands(shape, channels, group, points, out_hw, seed=0, offset_std=2.0):
+  """Random float32 ``(x, offset, mask, grad_out)`` for ``shape = (n, h, w)``."""
+  n, h, w = shape
+  ho, wo = out_hw
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((n, h, w, channels)).astype(np.float32),
+          (offset_std * rng.standard_normal((n, ho, wo, group * points * 2))).astype(np.float32),
+          rng.random((n, ho, wo, group * points)).astype(np.float32),
+          rng.standard_normal((n, ho, wo, channels)).astype(np.float32))
+
+
+def assert_dcnv3_matches_fallback(op, kwargs: dict, x, offset, mask, grad_out) -> None:
+  """``op(x, offset, mask)`` and its three gradients equal the XLA fallback's."""
+  import functools
+
+  from internimage_jax import ops
+
+  out, vjp = jax.vjp(op, x, offset, mask)
+  want_out, want_vjp = jax.vjp(functools.partial(ops.dcnv3, implementation="xla", **kwargs),
+                               x, offset, mask)
+  for name, got, want in zip(("out", "grad_x", "grad_offset", "grad_mask"),
+                             (out, *vjp(grad_out)), (want_out, *want_vjp(grad_out))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -11,14 +11,14 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from helpers import assert_rel_close, golden_cases, golden_index, golden_tol, load_golden, precision
+from helpers import (assert_dcnv3_matches_fallback, assert_rel_close, dcnv3_golden_kwargs,
+                     dcnv3_random_operands, golden_cases, golden_index, golden_tol, load_golden,
+                     precision)
 from internimage_jax import ops
 from pallas_kernels.dcnv3 import DCNv3Params
 from pallas_kernels.dcnv3.config import MosaicConfig
 from pallas_kernels.dcnv3.mosaic import dcnv3_mosaic
 from pallas_kernels.dcnv3.shapes import stage_shapes
-from test_dcnv3_op import _golden_kwargs
-from test_dcnv3_pallas import _random, assert_matches_fallback
 
 # Small blocks keep the interpreter's padded work down; the TPU default is larger.
 SMALL = MosaicConfig(block_q=8, chunk=4)
@@ -33,7 +33,7 @@ def _mosaic(params: DCNv3Params, config: MosaicConfig = SMALL):
 @pytest.mark.parametrize("case", golden_cases("dcnv3_core"))
 def test_interpret_matches_golden(case, dtype):
   g = load_golden(case)
-  params = DCNv3Params.create(**_golden_kwargs(golden_index()[case]))
+  params = DCNv3Params.create(**dcnv3_golden_kwargs(golden_index()[case]))
   with precision(dtype):
     x, offset, mask, grad_out = (jnp.asarray(g[k], dtype)
                                  for k in ("input", "offset", "mask", "grad_output"))
@@ -57,13 +57,13 @@ def test_interpret_matches_golden(case, dtype):
 def test_interpret_matches_the_fallback(shape, channels, kwargs, offset_std, config):
   params = DCNv3Params.create(**kwargs)
   out_hw = params.output_size(shape[1], shape[2])
-  assert_matches_fallback(_mosaic(params, config), kwargs,
-                          *_random(shape, channels, params.group, params.num_points, out_hw,
+  assert_dcnv3_matches_fallback(_mosaic(params, config), kwargs,
+                          *dcnv3_random_operands(shape, channels, params.group, params.num_points, out_hw,
                                    offset_std=offset_std))
 
 
 def test_public_api_selects_the_mosaic_kernels():
-  x, offset, mask, _ = _random((1, 4, 5), 16, 2, 9, (4, 5))
+  x, offset, mask, _ = dcnv3_random_operands((1, 4, 5), 16, 2, 9, (4, 5))
   want = ops.dcnv3(x, offset, mask, group=2, implementation="xla")
   got = ops.dcnv3(x, offset, mask, group=2, implementation="pallas_mosaic")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -100,7 +100,7 @@ def test_config_validates(kwargs):
 
 
 def test_unsupported_options_are_named():
-  x, offset, mask, _ = _random((1, 4, 4), 16, 1, 9, (4, 4))
+  x, offset, mask, _ = dcnv3_random_operands((1, 4, 4), 16, 1, 9, (4, 4))
   with pytest.raises(ValueError, match="unknown implementation"):
     ops.dcnv3(x, offset, mask, group=1, implementation="mosaic")
   with precision(np.float64):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from helpers import (assert_rel_close, golden_cases, golden_index, golden_tol, load_golden,
-                     precision)
+from helpers import (assert_rel_close, dcnv3_golden_kwargs, golden_cases, golden_index,
+                     golden_tol, load_golden, precision)
 from internimage_jax import ops
 from pallas_kernels.dcnv3 import DCNv3Params
 from pallas_kernels.dcnv3.shapes import stage_shapes
@@ -19,24 +19,12 @@ from pallas_kernels.dcnv3.shapes import stage_shapes
 DTYPES = [np.float32, np.float64]
 
 
-def _golden_kwargs(entry: dict) -> dict:
-  return dict(
-      kernel_size=(entry["kernel_h"], entry["kernel_w"]),
-      stride=(entry["stride_h"], entry["stride_w"]),
-      pad=(entry["pad_h"], entry["pad_w"]),
-      dilation=(entry["dilation_h"], entry["dilation_w"]),
-      group=entry["group"],
-      offset_scale=entry["offset_scale"],
-      remove_center=bool(entry["remove_center"]),
-  )
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", golden_cases("dcnv3_core"))
 def test_golden_core(case, dtype):
   entry = golden_index()[case]
   g = load_golden(case)
-  kwargs = _golden_kwargs(entry)
+  kwargs = dcnv3_golden_kwargs(entry)
   with precision(dtype):
     x, offset, mask, grad_out = (jnp.asarray(g[k], dtype)
                                  for k in ("input", "offset", "mask", "grad_output"))

@@ -13,20 +13,15 @@ import numpy as np
 import pytest
 from jax import export
 
-from helpers import (assert_rel_close, golden_cases, golden_index, golden_tol, load_golden,
-                     precision)
+from helpers import (CUDA_DEVICE, TRITON_CALL, assert_dcnv3_matches_fallback, assert_rel_close,
+                     dcnv3_golden_kwargs, dcnv3_random_operands, golden_cases, golden_index,
+                     golden_tol, load_golden, precision)
 from internimage_jax import ops
 from pallas_kernels.dcnv3 import DCNv3Params
 from pallas_kernels.dcnv3.config import INTERPRET_CONFIG, TritonConfig
 from pallas_kernels.dcnv3.shapes import stage_shapes
 from pallas_kernels.dcnv3.triton import dcnv3_triton
-from test_dcnv3_op import _golden_kwargs
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
-# Lowering a Triton kernel asks for the target GPU; without one attached (CI), newer
-# JAX reads it from the abstract mesh's device. An H100, the card we benchmark on.
-CUDA_DEVICE = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                          platform="gpu")
 CUDA_TARGET = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=CUDA_DEVICE)
 
 
@@ -34,7 +29,7 @@ CUDA_TARGET = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=CUDA_DEVIC
 @pytest.mark.parametrize("case", golden_cases("dcnv3_core"))
 def test_interpret_matches_golden(case, dtype):
   g = load_golden(case)
-  kwargs = _golden_kwargs(golden_index()[case])
+  kwargs = dcnv3_golden_kwargs(golden_index()[case])
   with precision(dtype):
     x, offset, mask, grad_out = (jnp.asarray(g[k], dtype)
                                  for k in ("input", "offset", "mask", "grad_output"))
@@ -48,26 +43,6 @@ def test_interpret_matches_golden(case, dtype):
       assert_rel_close(grad, g[key], tol, key)
 
 
-def _random(shape, channels, group, points, out_hw, seed=0, offset_std=2.0):
-  n, h, w = shape
-  ho, wo = out_hw
-  rng = np.random.default_rng(seed)
-  return (rng.standard_normal((n, h, w, channels)).astype(np.float32),
-          (offset_std * rng.standard_normal((n, ho, wo, group * points * 2))).astype(np.float32),
-          rng.random((n, ho, wo, group * points)).astype(np.float32),
-          rng.standard_normal((n, ho, wo, channels)).astype(np.float32))
-
-
-def assert_matches_fallback(op, kwargs: dict, x, offset, mask, grad_out) -> None:
-  """``op(x, offset, mask)`` and its three gradients equal the fallback's."""
-  out, vjp = jax.vjp(op, x, offset, mask)
-  want_out, want_vjp = jax.vjp(functools.partial(ops.dcnv3, implementation="xla", **kwargs),
-                               x, offset, mask)
-  for name, got, want in zip(("out", "grad_x", "grad_offset", "grad_mask"),
-                             (out, *vjp(grad_out)), (want_out, *want_vjp(grad_out))):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
-
-
 @pytest.mark.parametrize("shape,channels,kwargs,offset_std", [
     ((1, 5, 7), 24, dict(group=2), 2.0),  # odd, non-square; 12 channels/group: padded to 16
     ((2, 6, 6), 16, dict(group=2, stride=2, pad=0, kernel_size=3), 1.0),  # 8 channels/group
@@ -77,9 +52,9 @@ def assert_matches_fallback(op, kwargs: dict, x, offset, mask, grad_out) -> None
 def test_interpret_matches_the_fallback(shape, channels, kwargs, offset_std):
   params = DCNv3Params.create(**kwargs)
   out_hw = params.output_size(shape[1], shape[2])
-  arrays = _random(shape, channels, params.group, params.num_points, out_hw,
+  arrays = dcnv3_random_operands(shape, channels, params.group, params.num_points, out_hw,
                    offset_std=offset_std)
-  assert_matches_fallback(functools.partial(ops.dcnv3, implementation="pallas", **kwargs),
+  assert_dcnv3_matches_fallback(functools.partial(ops.dcnv3, implementation="pallas", **kwargs),
                           kwargs, *arrays)
 
 
@@ -92,7 +67,7 @@ def test_wide_blocks_match_in_interpret_mode_where_no_atomics_are_involved(
     shape, group, channels, config):
   """block_q > 1: the forward and the offset/mask gradients (no atomics) are exact."""
   params = DCNv3Params.create(group=group)
-  x, offset, mask, grad_out = _random(shape, channels, group, 9, shape[1:], seed=3)
+  x, offset, mask, grad_out = dcnv3_random_operands(shape, channels, group, 9, shape[1:], seed=3)
   out, vjp = jax.vjp(lambda a, b, c: dcnv3_triton(a, b, c, params, config, True), x, offset, mask)
   _, grad_offset, grad_mask = vjp(grad_out)
   want_out, want_vjp = jax.vjp(functools.partial(ops.dcnv3, group=group, implementation="xla"),
@@ -104,7 +79,7 @@ def test_wide_blocks_match_in_interpret_mode_where_no_atomics_are_involved(
 
 
 def test_bfloat16_in_interpret_mode():
-  x, offset, mask, _ = _random((1, 6, 6), 32, 2, 9, (6, 6))
+  x, offset, mask, _ = dcnv3_random_operands((1, 6, 6), 32, 2, 9, (6, 6))
   want = ops.dcnv3(x, offset, mask, group=2, implementation="xla")
   xb, ob, mb = (jnp.asarray(a, jnp.bfloat16) for a in (x, offset, mask))
   out = ops.dcnv3(xb, ob, mb, group=2, implementation="pallas")
@@ -167,8 +142,8 @@ def test_pixel_tiles_match_the_fallback(shape, channels, kwargs, tile_rows):
   params = DCNv3Params.create(**kwargs)
   out_hw = params.output_size(shape[1], shape[2])
   config = TritonConfig(block_q=1, num_warps=1, tile_rows=tile_rows)
-  assert_matches_fallback(lambda a, b, c: dcnv3_triton(a, b, c, params, config, True), kwargs,
-                          *_random(shape, channels, params.group, params.num_points, out_hw))
+  assert_dcnv3_matches_fallback(lambda a, b, c: dcnv3_triton(a, b, c, params, config, True), kwargs,
+                          *dcnv3_random_operands(shape, channels, params.group, params.num_points, out_hw))
 
 
 def test_backward_without_the_scatter_for_benchmarks():
@@ -177,7 +152,7 @@ def test_backward_without_the_scatter_for_benchmarks():
   from pallas_kernels.dcnv3 import triton
 
   params = DCNv3Params.create(group=2)
-  x, offset, mask, grad_out = _random((1, 5, 6), 32, 2, 9, (5, 6), seed=2)
+  x, offset, mask, grad_out = dcnv3_random_operands((1, 5, 6), 32, 2, 9, (5, 6), seed=2)
   kw = dict(params=params, config=INTERPRET_CONFIG, interpret=True)
   full = triton.backward(x, offset, mask, grad_out, **kw)
   partial = triton.backward(x, offset, mask, grad_out, grad_x=False, **kw)
@@ -233,7 +208,7 @@ def test_without_the_triton_backend_auto_falls_back_with_one_warning(without_tri
 
 def test_without_the_triton_backend_pallas_on_a_gpu_is_a_clear_error(without_triton, monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  x, offset, mask, _ = _random((1, 4, 4), 16, 1, 9, (4, 4))
+  x, offset, mask, _ = dcnv3_random_operands((1, 4, 4), 16, 1, 9, (4, 4))
   with pytest.raises(NotImplementedError,
                      match="'pallas' needs the Pallas Triton backend.*implementation='xla'"):
     ops.dcnv3(x, offset, mask, group=1, implementation="pallas")

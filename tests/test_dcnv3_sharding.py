@@ -20,9 +20,8 @@ from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from helpers import QUICK_CODEGEN, TOL_OP_F32, TOL_X64
+from helpers import CUDA_DEVICE, QUICK_CODEGEN, TOL_OP_F32, TOL_X64, TRITON_CALL
 from internimage_jax import ops
-from test_dcnv3_pallas import CUDA_DEVICE, TRITON_CALL
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
 
 from internimage_jax.models.stacking import map_params
+from pallas_kernels.dcnv3.reference import never
 
 Dtype = Any
 
@@ -170,11 +171,11 @@ def late_remat(fn):
     floats = [i for i, x in enumerate(leaves) if _is_float(x) and x.size]
     if len(floats) > 1:
       largest = max(floats, key=lambda i: leaves[i].size)
-      never = _never(leaves[largest])
+      false = never(leaves[largest])
       tied = list(leaves)
       for i in floats:
         if i != largest:
-          tied[i] = jnp.where(never, jnp.zeros_like(leaves[i]), leaves[i])
+          tied[i] = jnp.where(false, jnp.zeros_like(leaves[i]), leaves[i])
       return fn(*jax.tree.unflatten(treedef, tied)), args
     return fn(*args), args
 
@@ -188,8 +189,8 @@ def late_remat(fn):
     # on the cotangent makes the recomputation's inputs new values, later in time.
     gates = [x for x in jax.tree.leaves(cotangent) if _is_float(x) and x.size]
     if gates:
-      never = _never(*gates)
-      barred = [jnp.where(never, jnp.zeros_like(x), x) for x in barred]
+      false = never(*gates)
+      barred = [jnp.where(false, jnp.zeros_like(x), x) for x in barred]
     for i, x in zip(tied, barred):
       leaves[i] = x
     args, cotangent = jax.tree.unflatten(treedef, leaves)
@@ -220,13 +221,6 @@ def gather_param(x: jax.Array, full: jax.sharding.Sharding, split: jax.sharding.
   return gather(x)
 
 
-def _never(*xs: jax.Array) -> jax.Array:
-  """A boolean that is always false but that XLA cannot fold: it depends on one
-  element of each of ``xs`` (any of which may be a constant, e.g. a zero cotangent)."""
-  scalar = sum(x.reshape(-1)[0].astype(jnp.float32) for x in xs)
-  return jnp.isnan(scalar) & (scalar == scalar)  # (``abs(s) < 0`` gets folded)
-
-
 def scan_remat(f, x: jax.Array, xs):
   """``jax.lax.scan(f, x, xs)`` that keeps only each step's input carry for the
   backward pass, which recomputes one step at a time (a rematerialised scan).
@@ -254,7 +248,7 @@ def scan_remat(f, x: jax.Array, xs):
     return jax.lax.scan(f, x, merge(floats, others))
 
   def fwd(x, floats, others):
-    stack = jnp.broadcast_to(jnp.where(_never(x), 1, 0).astype(x.dtype), (length, *x.shape))
+    stack = jnp.broadcast_to(jnp.where(never(x), 1, 0).astype(x.dtype), (length, *x.shape))
 
     def body(carry, xs_i):
       x, stack, i = carry

@@ -231,9 +231,14 @@ def _zeros(shape: tuple[int, ...], dtype, after: jax.Array) -> jax.Array:
   block, or from one call to the next. These depend, through a predicate that is
   always false, on one element of ``after``.
   """
-  s = after.reshape(-1)[0]
-  never = jnp.isnan(s) & (s == s)
-  return jnp.broadcast_to(jnp.where(never, 1, 0).astype(dtype), shape)
+  return jnp.broadcast_to(jnp.where(never(after), 1, 0).astype(dtype), shape)
+
+
+def never(*xs: jax.Array) -> jax.Array:
+  """A boolean that is always false but that XLA cannot fold: it depends on one
+  element of each of ``xs`` (any of which may be a constant, e.g. a zero cotangent)."""
+  scalar = sum(x.reshape(-1)[0].astype(jnp.float32) for x in xs)
+  return jnp.isnan(scalar) & (scalar == scalar)  # (``abs(s) < 0`` gets folded)
 
 
 def _zero_table(x: jax.Array, group: int, after: jax.Array) -> jax.Array:
