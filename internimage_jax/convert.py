@@ -1,8 +1,10 @@
 """Official PyTorch weights <-> Flax NNX InternImage.
 
-Names follow the official ``state_dict`` (spec section 5); each module declares how
-its children are named there (``torch_names``), so the same mapping serves a whole
-network or a single DCNv3 module with keys relative to it.
+Names follow the official ``state_dict`` (spec section 5). ``OFFICIAL_NAMES`` says how
+each module's children are named there, so the same mapping serves a whole network or
+a single DCNv3 module with keys relative to it; a level's stacked blocks (and H's and
+G's stacked post-norms) are one official entry per block, split on save and stacked on
+load.
 
 Command line, official file -> orbax checkpoint directory::
 
@@ -21,7 +23,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from internimage_jax.models.layers import TorchNamed
+from internimage_jax.models.dcnv3 import DCNv3
+from internimage_jax.models.internimage import (
+    AttentionPooling, Block, Downsample, InternImage, Level, Stem)
 from internimage_jax.training.errors import describe, first_line
+
+# Each module's children -> their official path relative to it. "{}" is the index along
+# the leading (stacked ``layers``) axis of every variable below that child.
+OFFICIAL_NAMES: dict[type, dict[str, str]] = {
+    Stem: {"norm1": "norm1.1", "norm2": "norm2.1"},
+    Downsample: {"norm": "norm.1"},
+    Block: {"norm1": "norm1.0", "norm2": "norm2.0", "res_post_norm1": "res_post_norm1.0",
+            "res_post_norm2": "res_post_norm2.0"},
+    Level: {"blocks": "blocks.{}", "norm": "norm.0", "post_norms": "post_norms.{}.0"},
+    DCNv3: {"dw_conv": "dw_conv.0", "dw_norm": "dw_conv.1.1"},
+    AttentionPooling: {"norm1_q": "norm1_q.0", "norm1_k": "norm1_k.0", "norm1_v": "norm1_v.0"},
+    InternImage: {"conv_head": "conv_head.0", "head_norm": "conv_head.1.0",
+                  "dcnv3_head_x4": "dcnv3_head_x4.0", "fc_norm": "fc_norm.0"},
+}
 
 # Leaf names of flax's own layers -> the PyTorch parameter name.
 _FLAX_LEAVES = {"kernel": "weight", "scale": "weight"}
@@ -67,44 +85,47 @@ class LoadReport:
 class _Slot:
   variable: nnx.Variable
   is_kernel: bool  # a flax kernel: transposed relative to PyTorch
+  index: int | None = None  # the block, along a stacked variable's leading axis
 
 
-def _torch_path(root: nnx.Module, path: tuple[Any, ...]) -> str:
-  """The official name of the variable at ``path`` (as ``nnx.iter_graph`` gives it)."""
+def _official_path(root: nnx.Module, path: tuple[Any, ...]) -> str:
+  """The official name of the variable at ``path`` (as ``nnx.iter_graph`` gives it),
+  with "{}" where a stacked variable's block index goes."""
   parts: list[str] = []
   node: Any = root
-  i = 0
-  while i < len(path) - 1:
-    name = path[i]
-    child = node[name] if isinstance(name, int) else getattr(node, name)
-    mapped = type(node).torch_names.get(name) if isinstance(node, TorchNamed) else None
-    if mapped is not None and "{}" in mapped:
-      index = path[i + 1]
-      parts.append(mapped.format(index))
-      node = child[index]
-      i += 2
-      continue
+  for name in path[:-1]:
+    mapped = OFFICIAL_NAMES.get(type(node), {}).get(name)
     parts.append(mapped if mapped is not None else str(name))
-    node = child
-    i += 1
+    node = node[name] if isinstance(name, int) else getattr(node, name)
   leaf = path[-1]
-  if not isinstance(node, TorchNamed):
+  if type(node) not in OFFICIAL_NAMES:  # flax's own layers: kernel and scale are "weight"
     leaf = _FLAX_LEAVES.get(leaf, leaf)
   parts.append(str(leaf))
   return ".".join(parts)
 
 
-def official_names(module: nnx.Module) -> dict[tuple[Any, ...], str]:
-  """nnx path of every parameter -> its name in the official PyTorch state dict."""
-  return {path: _torch_path(module, path) for path, node in nnx.iter_graph(module)
-          if isinstance(node, nnx.Param)}
+def _named(module: nnx.Module, kinds) -> Iterator[tuple[tuple[Any, ...], nnx.Variable, list[str]]]:
+  """``(path, variable, official names)`` of the module's variables of ``kinds``: one
+  name per block for a stacked variable."""
+  for path, node in nnx.iter_graph(module):
+    if isinstance(node, kinds):
+      name = _official_path(module, path)
+      yield path, node, ([name.format(j) for j in range(node.get_value().shape[0])]
+                         if "{}" in name else [name])
+
+
+def official_names(module: nnx.Module) -> dict[tuple[Any, ...], list[str]]:
+  """nnx path of every parameter -> its official names (one per block if stacked)."""
+  return {path: names for path, _, names in _named(module, nnx.Param)}
 
 
 def _slots(module: nnx.Module) -> dict[str, _Slot]:
+  """Official name -> the variable (and block) that holds it."""
   slots = {}
-  for path, node in nnx.iter_graph(module):
-    if isinstance(node, (nnx.Param, nnx.BatchStat)):
-      slots[_torch_path(module, path)] = _Slot(node, path[-1] == "kernel")
+  for path, node, names in _named(module, (nnx.Param, nnx.BatchStat)):
+    stacked = len(names) > 1 or "{}" in _official_path(module, path)
+    for j, name in enumerate(names):
+      slots[name] = _Slot(node, path[-1] == "kernel", j if stacked else None)
   return slots
 
 
@@ -167,17 +188,25 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], strict: b
   sd = normalize_state_dict(state_dict, set(slots))
   missing = sorted(k for k in slots if k not in sd and not k.endswith(_OPTIONAL_SUFFIXES))
   unexpected = sorted(k for k in sd if k not in slots)
-  mismatched, updates = [], []
+  mismatched = []
+  updates: dict[int, tuple[nnx.Variable, np.ndarray]] = {}  # id(variable) -> new value
   for key, slot in slots.items():
     if key not in sd:
       continue
     value = _from_torch_layout(sd[key], slot.is_kernel)
-    want = tuple(slot.variable.shape)
+    shape = tuple(slot.variable.get_value().shape)
+    want = shape if slot.index is None else shape[1:]
     if tuple(value.shape) != want:
       mismatched.append(
           f"{key}: checkpoint {tuple(sd[key].shape)} (as JAX {tuple(value.shape)}), model {want}")
       continue
-    updates.append((slot.variable, value))
+    if slot.index is None:
+      updates[id(slot.variable)] = (slot.variable, value)
+    else:  # one block of a stacked variable: the others keep their values
+      variable, stack = updates.get(id(slot.variable)) or (
+          slot.variable, np.array(slot.variable.get_value()))
+      stack[slot.index] = value
+      updates[id(slot.variable)] = (variable, stack)
   if strict and (missing or unexpected or mismatched):
     lines = [f"state dict does not match {type(module).__name__}:"]
     for title, keys in (("missing", missing), ("unexpected", unexpected),
@@ -185,17 +214,21 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], strict: b
       if keys:
         lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
     raise CheckpointMismatchError("\n".join(lines))
-  for variable, value in updates:
+  for variable, value in updates.values():
     variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
   return LoadReport(missing, unexpected, mismatched)
 
 
 def to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
   """The module's weights under official names, in PyTorch layout (numpy arrays)."""
-  # np.array(order="C"), unlike np.ascontiguousarray, keeps 0-d arrays 0-d.
-  return {key: np.array(_to_torch_layout(np.asarray(slot.variable.get_value()), slot.is_kernel),
-                        order="C")
-          for key, slot in sorted(_slots(module).items())}
+  out = {}
+  for key, slot in sorted(_slots(module).items()):
+    value = np.asarray(slot.variable.get_value())
+    if slot.index is not None:
+      value = value[slot.index]
+    # np.array(order="C"), unlike np.ascontiguousarray, keeps 0-d arrays 0-d.
+    out[key] = np.array(_to_torch_layout(value, slot.is_kernel), order="C")
+  return out
 
 
 def _unwrap(obj: Any, use_ema: bool, path: Path) -> Mapping[str, Any]:
@@ -325,8 +358,8 @@ def read_model_json(directory: str | os.PathLike) -> dict[str, Any]:
 def _load_orbax(module: nnx.Module, directory: Path) -> None:
   import orbax.checkpoint as ocp
 
-  from internimage_jax.training.checkpoints import (UnreadableCheckpoint, shapes_of,
-                                                    stored_shapes)
+  from internimage_jax.training.checkpoints import (OldLayoutCheckpoint, UnreadableCheckpoint,
+                                                    shapes_of, stored_shapes)
 
   target = nnx.state(module, WEIGHTS)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
@@ -335,6 +368,11 @@ def _load_orbax(module: nnx.Module, directory: Path) -> None:
     stored = stored_shapes(state_dir)
   except UnreadableCheckpoint as e:
     raise CheckpointReadError(f"cannot read orbax checkpoint {directory}: {e}") from None
+  except OldLayoutCheckpoint as e:
+    raise CheckpointMismatchError(
+        f"orbax checkpoint {directory}: {e}; convert the official weights again (python -m "
+        "internimage_jax.convert), or export it to .safetensors with the version that wrote "
+        "it and convert that") from None
   if stored != shapes_of(abstract):
     raise CheckpointMismatchError(
         f"orbax checkpoint {directory} does not match {type(module).__name__}: other "

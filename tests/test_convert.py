@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -266,3 +267,67 @@ def test_command_line_refuses_existing_outputs_unless_overwrite(tmp_path):
   convert.load_checkpoint(model, tmp_path / "orbax")
   _check_mini_t_logits(model)
   assert not list(tmp_path.glob("orbax.tmp-*"))  # the staging directory is gone
+
+
+@pytest.mark.parametrize("name", [
+    "internimage_t", "internimage_h", "internimage_g",
+    *(pytest.param(n, marks=pytest.mark.slow)
+      for n in ("internimage_s", "internimage_b", "internimage_l", "internimage_xl"))])
+def test_official_layout_of_every_variant(name):
+  """Every variant's stacked parameters under the official names, one per block, with
+  the spec's parameter count (shapes only: nothing is allocated)."""
+  from helpers import PARAM_COUNTS
+  from internimage_jax.models.variants import VARIANTS
+
+  model = nnx.eval_shape(lambda: models.create(name))
+  shapes = {}
+  for path, names in convert.official_names(model).items():
+    var = nnx.state(model, nnx.Param)
+    for p in path:
+      var = var[p]
+    shape = var.get_value().shape
+    stacked = "blocks" in path or "post_norms" in path
+    assert len(names) == (shape[0] if stacked else 1), path
+    for n in names:
+      shapes[n] = shape[1:] if stacked else shape
+  assert sum(int(np.prod(s)) for s in shapes.values()) == PARAM_COUNTS[name]
+  options = VARIANTS[name]
+  for level, depth in enumerate(options["depths"]):
+    for block in range(depth):
+      assert f"levels.{level}.blocks.{block}.dcn.input_proj.weight" in shapes
+  for k, _ in enumerate(options.get("level2_post_norm_block_ids", ())):
+    assert f"levels.2.post_norms.{k}.0.weight" in shapes
+  assert len(shapes) == len(set(shapes))
+
+
+def test_stacked_round_trip_and_partial_loads(tmp_path):
+  """A level's stacked blocks: exported one per block and loaded back exactly into a
+  model of another seed; a non-strict load of some blocks keeps the others."""
+  from test_models import MINI_H
+  source = models.create("internimage_t", num_classes=10, rngs=nnx.Rngs(1), **MINI_H)
+  exported = convert.to_state_dict(source)
+  target = models.create("internimage_t", num_classes=10, rngs=nnx.Rngs(2), **MINI_H)
+  convert.load_state_dict(target, exported)
+  weights = lambda m: jax.tree.leaves(nnx.state(m, convert.WEIGHTS))
+  for a, b in zip(weights(source), weights(target)):
+    np.testing.assert_array_equal(a, b)
+  fresh = models.create("internimage_t", num_classes=10, rngs=nnx.Rngs(2), **MINI_H)
+  before = np.asarray(fresh.levels[2].blocks.mlp.fc1.kernel[...])
+  partial = {k: v for k, v in exported.items() if k.startswith("levels.2.blocks.1.")}
+  report = convert.load_state_dict(fresh, partial, strict=False)
+  after = np.asarray(fresh.levels[2].blocks.mlp.fc1.kernel[...])
+  np.testing.assert_array_equal(after[1], exported["levels.2.blocks.1.mlp.fc1.weight"].T)
+  np.testing.assert_array_equal(np.delete(after, 1, 0), np.delete(before, 1, 0))
+  assert "levels.2.blocks.0.mlp.fc1.weight" in report.missing
+
+
+def test_orbax_checkpoints_of_the_per_block_layout_say_what_to_do(tmp_path):
+  """Converted directories written before levels held stacked blocks (one entry per
+  block) are refused with what to do, not as damaged or foreign."""
+  import orbax.checkpoint as ocp
+
+  old = {"levels": {"0": {"blocks": {"0": {"norm1": {"scale": np.ones(16, np.float32)}}}}}}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save((tmp_path / "old" / convert.STATE_DIR).absolute(), old)
+  with pytest.raises(convert.CheckpointMismatchError, match="convert the official weights again"):
+    convert.load_checkpoint(_mini_t(), tmp_path / "old")

@@ -72,17 +72,21 @@ def test_golden_network(case, dtype):
 
 def test_variant_structure_matches_the_spec():
   t = _abstract("internimage_t")
-  assert [len(level.blocks) for level in t.levels] == [4, 4, 18, 4]
-  assert [level.blocks[0].dcn.group for level in t.levels] == [4, 8, 16, 32]
+  # A level's blocks are one module, every parameter stacked along a leading axis.
+  assert [level.blocks.norm1.scale.shape[0] for level in t.levels] == [4, 4, 18, 4]
+  assert [level.blocks.dcn.group for level in t.levels] == [4, 8, 16, 32]
   h = _abstract("internimage_h")
-  assert h.levels[2].post_norm_block_ids == (5, 11, 17, 23, 29)
-  assert h.levels[0].blocks[0].dcn.dw_conv.kernel.shape == (5, 5, 1, 320)
+  post = [i for i, k in enumerate(h.levels[2].post_norm_of) if k >= 0]
+  assert post == [5, 11, 17, 23, 29] and h.levels[2].post_norms.scale.shape == (5, 1280)
+  assert h.levels[0].blocks.dcn.dw_conv.kernel.shape == (6, 5, 5, 1, 320)
+  assert h.levels[0].blocks.dcn.dw_conv.kernel.get_metadata()["out_sharding"] == (
+      "layers", None, None, None, "embed")
   g = _abstract("internimage_g")
-  assert g.levels[2].post_norm_block_ids == tuple(range(5, 48, 6))
+  assert [i for i, k in enumerate(g.levels[2].post_norm_of) if k >= 0] == list(range(5, 48, 6))
   assert all(level.norm is not None for level in g.levels)  # post-norm + center scale
   s = _abstract("internimage_s")
   assert all(level.norm is None for level in s.levels)  # post-norm without center scale
-  assert s.levels[0].blocks[0].gamma1.shape == (80,)
+  assert s.levels[0].blocks.gamma1.shape == (4, 80)
   with pytest.raises(ValueError, match="unknown InternImage variant"):
     models.create("internimage_x")
 
@@ -116,7 +120,7 @@ def test_drop_path_follows_train_and_eval_modes():
   model = models.create("internimage_t", num_classes=5, drop_path_rate=0.5, drop_rate=0.2,
                         rngs=nnx.Rngs(params=0, dropout=1), **MINI_T)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  assert model.levels[0].blocks[0].drop_path.deterministic  # new models evaluate
+  assert model.levels[0].blocks.drop_path.deterministic  # new models evaluate
   np.testing.assert_array_equal(model(x), model(x))
   model.train()
   model.head_norm.use_running_average = True  # isolate the stochastic layers
@@ -126,9 +130,10 @@ def test_drop_path_follows_train_and_eval_modes():
   eval_a, eval_b = model(x), model(x)
   np.testing.assert_array_equal(eval_a, eval_b)
   model.train()
-  assert model.levels[3].blocks[0].drop_path.deterministic is False
+  assert model.levels[3].blocks.drop_path.deterministic is False
   # Stochastic depth rises linearly from 0 to drop_path_rate over the 5 blocks.
-  rates = [b.drop_path.rate for level in model.levels for b in level.blocks]
+  depths = [level.blocks.norm1.scale.shape[0] for level in model.levels]
+  rates = [1 - k for level, d in zip(model.levels, depths) for k in level.keep or (1.0,) * d]
   np.testing.assert_allclose(rates, np.linspace(0, 0.5, 5))
 
 
@@ -163,13 +168,57 @@ def test_initialisation_follows_the_original():
   # center_feature_scale starts at sigmoid(0) = 0.5 between sampled and projected input.
   np.testing.assert_allclose(module(x), module.output_proj(0.5 * window + 0.5 * v), atol=1e-5)
 
-  model = models.create("internimage_s", num_classes=10, channels=16, depths=(1, 1, 1, 1),
-                        groups=(1, 2, 4, 8))
-  np.testing.assert_array_equal(model.levels[0].blocks[0].gamma1[...], np.float32(1e-5))
-  fc1 = np.asarray(model.levels[0].blocks[0].mlp.fc1.kernel[...])
-  assert np.abs(fc1).max() <= 2.0 and 0.015 < fc1.std() < 0.025  # trunc normal 0.02
-  conv = np.asarray(model.patch_embed.conv1.kernel[...])
-  assert np.abs(conv).max() <= 1 / np.sqrt(27)  # PyTorch's default conv init bound
+
+
+def _init_kind(path: tuple, shape: tuple, conv_fan_in: dict) -> tuple[str, float]:
+  """The original's initialisation of the parameter at ``path`` (spec section 3) as
+  ``(distribution, value or standard deviation)``."""
+  name, leaf = path[-2], path[-1]
+  if path[:-1] in conv_fan_in:  # PyTorch's conv default: U(+-1/sqrt(fan_in)), bias too
+    return "uniform", 1 / np.sqrt(conv_fan_in[path[:-1]]) / np.sqrt(3)
+  if leaf == "kernel" and name in ("offset", "mask"):
+    return "constant", 0.0
+  if leaf == "kernel" and name in ("input_proj", "output_proj"):
+    return "uniform", np.sqrt(6 / (shape[-2] + shape[-1])) / np.sqrt(3)  # Xavier
+  if leaf == "kernel":
+    return "normal", 0.02  # timm's trunc_normal_(std=0.02)
+  if leaf in ("gamma1", "gamma2"):
+    return "constant", 1e-5
+  if leaf in ("scale", "weight"):
+    return "constant", 1.0
+  return "constant", 0.0  # biases of linears and norms, center-feature-scale projection
+
+
+@pytest.mark.parametrize("name", ["internimage_s", "internimage_h"])
+def test_initialisation_of_every_parameter_kind(name):
+  """Each kind of parameter drawn as the original does, per level from one vmapped
+  draw with a distinct key per block (small widths, the variant's structure)."""
+  small = dict(channels=16, depths=(2, 2, 7, 2), groups=(1, 2, 4, 8))
+  if name == "internimage_h":
+    small.update(channels=32, level2_post_norm_block_ids=(2, 5))
+  model = models.create(name, num_classes=10, rngs=nnx.Rngs(0), **small)
+  params = [(tuple(map(str, path)), np.asarray(var.get_value()))
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  conv_fan_in = {path[:-1]: np.prod(value.shape[-4:-1]) for path, value in params
+                 if path[-1] == "kernel" and value.ndim - ("blocks" in path) == 4}
+  seen = set()
+  for path, value in params:
+    kind, scale = _init_kind(path, value.shape, conv_fan_in)
+    seen.add(kind)
+    where = "/".join(path)
+    if kind == "constant":
+      np.testing.assert_array_equal(value, np.float32(scale), err_msg=where)
+      continue
+    value = value.astype(np.float64)
+    # Mean and standard deviation within 4 standard errors (a normal's and a uniform's
+    # sample std have relative standard errors 1/sqrt(2n) and 1/sqrt(5n/4)).
+    assert abs(value.mean()) < 4 * scale / np.sqrt(value.size), where
+    assert abs(value.std() / scale - 1) < 4 / np.sqrt(value.size), where
+    if kind == "uniform":
+      assert np.abs(value).max() <= scale * np.sqrt(3) + 1e-7, where
+    if "blocks" in path:  # stacked: every block its own draw
+      assert not np.array_equal(value[0], value[1]), where
+  assert seen == {"constant", "uniform", "normal"}
 
 
 def test_bfloat16_compute_runs_and_tracks_float32():
@@ -182,7 +231,7 @@ def test_bfloat16_compute_runs_and_tracks_float32():
   fast.eval()
   got = fast(x)
   assert got.dtype == jnp.bfloat16
-  assert fast.levels[0].blocks[0].dcn.input_proj.kernel.dtype == jnp.float32  # master weights
+  assert fast.levels[0].blocks.dcn.input_proj.kernel.dtype == jnp.float32  # master weights
   assert_rel_close(got, want, 0.1, "bf16 logits")
 
 

@@ -96,7 +96,6 @@ def test_layer_decay_groups_follow_the_original():
   norm with the next level's first block; 0.1 more on the deformable offsets."""
   from internimage_jax import models
   from internimage_jax.convert import official_names
-  from internimage_jax.models.stacking import unstack_blocks
 
   depths = (2, 1, 3, 2)
   model = nnx.eval_shape(lambda: models.create("internimage_t", num_classes=5, channels=8,
@@ -104,10 +103,11 @@ def test_layer_decay_groups_follow_the_original():
                                                center_feature_scale=True))
   cfg = load_config("internimage_l_22kto1k_384").train
   # One multiplier per block along the train state's stacked parameters.
-  mults = unstack_blocks(optim.lr_multipliers(model, cfg))
+  mults = optim.lr_multipliers(model, cfg)
   names = official_names(model)
-  by_name = {names[path]: float(var.get_value() if hasattr(var, "get_value") else var.value)
-             for path, var in nnx.to_flat_state(mults)}
+  by_name = {name: float(value)
+             for path, var in nnx.to_flat_state(mults)
+             for name, value in zip(names[path], np.ravel(var.get_value()))}
   r = 0.9
   expect = {
       "levels.3.blocks.1.mlp.fc1.weight": 1.0,

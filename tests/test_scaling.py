@@ -1,5 +1,6 @@
-"""Large-model training mechanics: scanned levels, rematerialisation that saves memory on
-XLA:CPU too, FSDP without channel-sharded activations, the row-chunked DCNv3 backward."""
+"""Large-model training mechanics: stacked, scanned levels, rematerialisation that saves
+memory on XLA:CPU too, placement by logical axis rules, FSDP without channel-sharded
+activations, the row-chunked DCNv3 backward."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 from helpers import QUICK_CODEGEN, precision
 from internimage_jax import models
-from internimage_jax.models.layers import DropPath, late_remat, remat_call, scan_remat
-from internimage_jax.models.stacking import STACKED, stack_blocks, unstack_blocks
+from internimage_jax.models.layers import DropPath
+from internimage_jax.models.remat import late_remat, remat_call, scan_remat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,65 +43,44 @@ def _loss_and_grads(name, options, **kw):
   return float(loss), float(again), jax.tree.leaves(nnx.state(grads))
 
 
-@pytest.mark.parametrize("name, options, runs", [
-    ("internimage_t", MINI_T, [("none", True), ("block", True), ("block", False)]),
-    ("internimage_s", MINI_T, [("block", True)]),
-    ("internimage_h", MINI_H, [("block", True)])], ids=["t", "s", "h"])
-def test_scanned_levels_equal_unrolled_blocks(name, options, runs):
-  """Scan over stacked blocks (with and without remat) against the unrolled model, in
-  float64 and in training mode (drop path draws the same masks)."""
+@pytest.mark.parametrize("name, options, modes", [
+    ("internimage_t", MINI_T, ["block", "dots"]),
+    ("internimage_s", MINI_T, ["block"]),
+    ("internimage_h", MINI_H, ["block"])], ids=["t", "s", "h"])
+def test_remat_modes_give_the_same_loss_gradients_and_draws(name, options, modes):
+  """Each remat mode against none, in float64 and in training mode: the scanned blocks
+  draw the same drop-path masks in the recomputation, and the RNG counts move the same."""
   with precision(np.float64):
-    ref = _loss_and_grads(name, options, remat="none", scan_blocks=False)
+    ref = _loss_and_grads(name, options, remat="none")
     scale = max(float(jnp.max(jnp.abs(g))) for g in ref[2])
-    for remat, scan in runs:
-      got = _loss_and_grads(name, options, remat=remat, scan_blocks=scan)
-      assert got[:2] == pytest.approx(ref[:2], rel=1e-12), (remat, scan)
+    assert ref[0] != pytest.approx(ref[1], rel=1e-6)  # the second call drew new masks
+    for remat in modes:
+      got = _loss_and_grads(name, options, remat=remat)
+      assert got[:2] == pytest.approx(ref[:2], rel=1e-12), remat
       assert len(got[2]) == len(ref[2])
       for g, want in zip(got[2], ref[2]):
-        np.testing.assert_allclose(g, want, atol=1e-11 * scale, err_msg=f"{remat} {scan}")
+        np.testing.assert_allclose(g, want, atol=1e-11 * scale, err_msg=remat)
 
 
-def test_scan_option_keeps_parameters_and_names():
-  plain = nnx.state(models.create("internimage_h", scan_blocks=False, **MINI_H), nnx.Param)
-  scanned = nnx.state(models.create("internimage_h", scan_blocks=True, remat="block", **MINI_H),
-                      nnx.Param)
-  assert jax.tree.structure(plain) == jax.tree.structure(scanned)
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(scanned)):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_block_stacking_round_trips_and_differentiates_as_one_concatenate():
-  """The train state's layout: one array per level and parameter kind (block axis
-  first), back to one per block unchanged; the gradient of the unstacking is one
-  concatenate (no padded full-size copy per block)."""
-  params = nnx.state(models.create("internimage_h", **MINI_H), nnx.Param)
-  stacked = stack_blocks(params)
-  kernel = stacked["levels"][2][STACKED]["mlp"]["fc1"]["kernel"]
-  assert kernel.shape == (8, 64, 256)  # 8 blocks of level-2 width 64, MLP ratio 4
-  assert "blocks" not in stacked["levels"][2] and STACKED not in params["levels"][2]
-  assert len(stacked["levels"][2]["post_norms"]) == 2  # the post-norms stay per norm
-  again = unstack_blocks(stacked)
-  assert jax.tree.structure(again) == jax.tree.structure(params)
-  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(a, b)
-  host = unstack_blocks(jax.tree.map(np.asarray, stacked))  # host arrays stay numpy
-  assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(host))
-
-  def loss(stacked):
-    return sum(jnp.sum(jnp.sin(a) * (i + 1))
-               for i, a in enumerate(jax.tree.leaves(unstack_blocks(stacked))))
-
-  grads = jax.grad(loss)(stacked)
-  want = jax.grad(lambda p: sum(jnp.sum(jnp.sin(a) * (i + 1))
-                                for i, a in enumerate(jax.tree.leaves(p))))(params)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(stack_blocks(want))):
-    np.testing.assert_array_equal(a, b)
-  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(stacked))
-  assert " pad" not in jaxpr and "concatenate" in jaxpr
-
-  params["levels"][2]["blocks"].pop(3)  # a hole: an error that names the blocks
-  with pytest.raises(ValueError, match=r"missing in blocks \[3\]"):
-    stack_blocks(params)
+def test_level2_post_norms_run_after_their_blocks_only():
+  """H's level-2 post-norms (data in the scan: a flag and an index per block) equal
+  running the stacked blocks one by one with the norms after blocks 2 and 5."""
+  model = models.create("internimage_h", num_classes=0, rngs=nnx.Rngs(1), **MINI_H)
+  level = model.levels[2]
+  # Non-trivial post-norm parameters, a different one per norm.
+  post = nnx.state(level.post_norms)
+  nnx.update(level.post_norms, jax.tree.map(
+      lambda a: a + jax.random.normal(jax.random.key(2), a.shape), post))
+  x = jax.random.normal(jax.random.key(3), (2, 4, 4, 64))
+  graphdef, params = nnx.split(level.blocks)
+  norms_def, norms = nnx.split(level.post_norms)
+  want = x
+  for i in range(8):
+    want = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))(want)
+    if i in (2, 5):
+      want = nnx.merge(norms_def, jax.tree.map(lambda a: a[(2, 5).index(i)], norms))(want)
+  got, _ = level(x)
+  np.testing.assert_allclose(got, level.norm(want), rtol=1e-5, atol=1e-5)
 
 
 def test_train_state_size_does_not_grow_with_depth():
@@ -125,35 +105,43 @@ def test_train_state_size_does_not_grow_with_depth():
   elements = lambda p: sum(x.size for x in jax.tree.leaves(p.abstract_state["params"]))
   assert arrays(small) == arrays(deep) and elements(deep) > elements(small)
 
-  mask = jax.tree.leaves(optim.decay_mask(small.abstract_state["params"]))
-  want = jax.tree.leaves(stack_blocks(optim.decay_mask(nnx.state(small.build_model(), nnx.Param)),
-                                      combine=lambda values: values[0]))
-  assert mask == want and any(mask) and not all(mask)
+  params = nnx.to_flat_state(small.abstract_state["params"])
+  mask = nnx.to_flat_state(optim.decay_mask(small.abstract_state["params"]))
+  # One block's rank: the stacked levels and post-norms have one more dimension.
+  stacked = lambda path: "blocks" in path or "post_norms" in path
+  want = [len(v.get_value().shape) - stacked(path) > 1 for path, v in params]
+  assert [m.get_value() for _, m in mask] == want and any(want) and not all(want)
 
 
-def test_tensor_parallel_placement_rules():
-  """The MLP's fc1 and the clip projector's q/k/v split their outputs over ``model``,
-  fc2 and the projection their inputs; FSDP takes another dimension; the rest is as
-  before; what cannot split says which parameter."""
+def test_placement_by_logical_axis_rules():
+  """The default rule table: channels ("embed") over fsdp, the MLP's hidden units and the
+  clip projector's attention features over model (fc1 and q/k/v split their outputs, fc2
+  and the projection their inputs); the stacked axis, vectors and what a mesh axis does
+  not divide stay whole; at use, parameters are whole over the batch axes."""
   from types import SimpleNamespace
 
-  from internimage_jax.training import sharding
+  from internimage_jax.models.partitioning import DEFAULT_RULES, logical_spec
 
   mesh = SimpleNamespace(shape={"data": 1, "fsdp": 2, "model": 2})
-  spec = lambda shape, *names: sharding.param_spec(shape, mesh, names)
-  assert spec((64, 256), "mlp", "fc1", "kernel") == P("fsdp", "model")
-  assert spec((256,), "mlp", "fc1", "bias") == P("model")
-  assert spec((256, 64), "mlp", "fc2", "kernel") == P("model", "fsdp")
-  assert spec((64,), "mlp", "fc2", "bias") == P()
-  assert spec((1024, 1024), "clip_projector", "cross_dcn", "k", "kernel") == P("fsdp", "model")
-  assert spec((1024, 768), "clip_projector", "cross_dcn", "proj", "kernel") == P("model", "fsdp")
-  assert spec((64, 64), "dcn", "input_proj", "kernel") == P(None, "fsdp")  # as before
-  assert sharding.use_spec((64, 256), mesh, ("mlp", "fc1", "kernel")) == P(None, "model")
-  assert sharding.use_spec((64, 64), mesh, ("dcn", "input_proj", "kernel")) == P()
-  with pytest.raises(ValueError, match=r"levels\.0\.mlp\.fc1\.kernel of shape \(8, 7\)"):
-    spec((8, 7), "levels", "0", "mlp", "fc1", "kernel")
-  no_model = SimpleNamespace(shape={"data": 1, "fsdp": 2})
-  assert sharding.param_spec((64, 256), no_model, ("mlp", "fc1", "kernel")) == P(None, "fsdp")
+  spec = lambda shape, *names, rules=DEFAULT_RULES: logical_spec(names, shape, mesh, rules)
+  assert spec((64, 256), "embed", "mlp") == P("fsdp", "model")  # fc1
+  assert spec((256,), "mlp") == P("model")
+  assert spec((256, 64), "mlp", "embed") == P("model", "fsdp")  # fc2
+  assert spec((64,), None) == P(None)
+  assert spec((1024, 1024), "embed", "heads") == P("fsdp", "model")  # q, k, v
+  assert spec((4, 64, 256), "layers", "embed", "mlp") == P(None, "fsdp", "model")
+  assert spec((7, 6), "embed", "mlp") == P(None, "model")  # 7 does not split 2 ways
+  assert spec((8, 8), "embed", "embed") == P("fsdp", None)  # an axis serves once
+  at_use = {**DEFAULT_RULES, "embed": None}
+  assert spec((64, 256), "embed", "mlp", rules=at_use) == P(None, "model")
+  # The model's own names: every linear and convolution kernel has an FSDP dimension.
+  model = nnx.eval_shape(lambda: models.create("internimage_h", num_classes=10, **MINI_H))
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = var.get_metadata()["out_sharding"]
+    assert len(names) == len(var.get_value().shape), path
+    if path[-1] == "kernel":
+      assert "embed" in names, path
+  from internimage_jax.training import sharding
   with pytest.raises(ValueError, match="unknown axis 'fdsp'"):
     sharding.make_mesh({"data": 1, "fdsp": 1})
 
@@ -162,7 +150,6 @@ _TENSOR_PARALLEL = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
-from internimage_jax.models.stacking import unstack_blocks
 from internimage_jax.training.config import base_config
 from internimage_jax.training.trainer import TrainProgram
 out = {}
@@ -182,7 +169,7 @@ for mesh in ({"data": 1, "fsdp": 4}, {"data": 1, "fsdp": 2, "model": 2}):
 
     def loss_and_grads(state, rng_state, x, y):
         def loss(params):
-            model = nnx.merge(program.graphdef, unstack_blocks(params), state["batch_stats"],
+            model = nnx.merge(program.graphdef, params, state["batch_stats"],
                               rng_state, copy=True)
             model.eval()
             logits = model(x.astype(jnp.float32) / 255)
@@ -193,7 +180,7 @@ for mesh in ({"data": 1, "fsdp": 4}, {"data": 1, "fsdp": 2, "model": 2}):
                                                 program.batch_sharding, program.batch_sharding),
                   out_shardings=(program.replicated, program.state_shardings["params"]))
     loss, grads = run(state, rng, images, labels)
-    fc1 = state["params"]["levels"][2]["stacked_blocks"]["mlp"]["fc1"]["kernel"]
+    fc1 = state["params"]["levels"][2]["blocks"]["mlp"]["fc1"]["kernel"]
     row = {"loss": float(loss), "grads": [np.asarray(g).tolist() for g in jax.tree.leaves(grads)],
            "fc1": [fc1.shape, fc1.addressable_shards[0].data.shape]}
     if "model" in mesh:  # the full step once, under tensor parallelism
@@ -255,10 +242,10 @@ def test_remat_call_recomputes_with_the_same_random_draws():
   class Net(nnx.Module):
     def __init__(self):
       self.w = nnx.Param(jnp.arange(1.0, 17.0))
-      self.drop = DropPath(0.5, rngs=nnx.Rngs(3))
+      self.drop = DropPath(rngs=nnx.Rngs(3))
 
     def __call__(self, x):
-      return self.drop(jnp.sin(x * self.w[...]))
+      return self.drop(jnp.sin(x * self.w[...]), 0.5)
 
   def run(remat):
     net = Net()
@@ -306,7 +293,6 @@ def test_dcnv3_row_chunked_backward_equals_whole(monkeypatch):
 _COMPILE = r"""
 import json, re, sys
 import jax
-from internimage_jax.models.stacking import is_stacked, key_names
 from internimage_jax.training.config import base_config
 from internimage_jax.training.trainer import TrainProgram
 SMALL = {
@@ -326,7 +312,7 @@ for name, mesh, remat in json.loads(sys.argv[1]):
     program = TrainProgram(cfg, num_classes=10, steps_per_epoch=10)
     compiled = program.train_step.lower(*program.abstract_inputs()).compile()
     stacked = [s.spec for path, s in jax.tree_util.tree_flatten_with_path(
-        program.state_shardings)[0] if is_stacked(key_names(path))]
+        program.state_shardings)[0] if "'blocks'" in jax.tree_util.keystr(path)]
     out[f"{name} {mesh} {remat}"] = {
         "temp": compiled.memory_analysis().temp_size_in_bytes,
         "all_to_all": len(re.findall(r" all-to-all\(", compiled.as_text())),

@@ -107,11 +107,12 @@ cfg = q.get_config("fsdp")
 t = Trainer(cfg, tempfile.mkdtemp())
 state, _ = t.initial_state()
 t.close()
-from internimage_jax.models.stacking import block_ndim, key_names
+from flax import nnx
+from internimage_jax.models.partitioning import is_variable, stacked_dims
 def fraction(tree):
     # Matrices and kernels (one block's rank, for the stacked block parameters).
-    leaves = [a for path, a in jax.tree_util.tree_flatten_with_path(tree)[0]
-              if block_ndim(key_names(path), a) >= 2]
+    leaves = [v.get_value() for v in jax.tree.leaves(tree, is_leaf=is_variable)
+              if is_variable(v) and v.get_value().ndim - stacked_dims(v) >= 2]
     sharded = [a for a in leaves if a.addressable_shards[0].data.size * 8 == a.size]
     return len(sharded) / len(leaves)
 print(fraction(state["params"]), fraction(state["opt_state"]))

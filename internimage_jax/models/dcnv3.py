@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from internimage_jax.models.layers import Dtype, TorchNamed, conv, gelu, layer_norm, linear
+from internimage_jax.models.layers import Dtype, conv, gelu, layer_norm, linear
+from internimage_jax.models.partitioning import param
 from pallas_kernels.dcnv3 import dcnv3 as dcnv3_op
 
 
-class DCNv3(nnx.Module, TorchNamed):
+class DCNv3(nnx.Module):
   """Deformable convolution v3 on channels-last input ``[N, H, W, channels]``.
 
   Offsets and mask logits come from a depthwise conv -> LayerNorm -> GELU branch;
@@ -21,24 +20,13 @@ class DCNv3(nnx.Module, TorchNamed):
   samples the fixed 3x3 grid with equal weights.
   """
 
-  torch_names: ClassVar[dict[str, str]] = {"dw_conv": "dw_conv.0", "dw_norm": "dw_conv.1.1"}
-
   def __init__(
-      self,
-      *,
-      channels: int,
-      group: int,
-      kernel_size: int = 3,
-      dw_kernel_size: int | None = None,
-      offset_scale: float = 1.0,
-      center_feature_scale: bool = False,
-      remove_center: bool = False,
+      self, *, channels: int, group: int, kernel_size: int = 3,
+      dw_kernel_size: int | None = None, offset_scale: float = 1.0,
+      center_feature_scale: bool = False, remove_center: bool = False,
       implementation: str = "auto",
-      activation_sharding: jax.sharding.NamedSharding | None = None,
-      dtype: Dtype = None,
-      param_dtype: Dtype = jnp.float32,
-      rngs: nnx.Rngs,
-  ):
+      activation_sharding: jax.sharding.NamedSharding | None = None, dtype: Dtype = None,
+      param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if group < 1 or channels % group:
       raise ValueError(f"DCNv3: channels ({channels}) must be divisible by group ({group})")
     if remove_center and kernel_size % 2 == 0:
@@ -65,8 +53,9 @@ class DCNv3(nnx.Module, TorchNamed):
     self.offset = linear(channels, group * points * 2, kernel_init=zeros, **kw)
     self.mask = linear(channels, group * points, kernel_init=zeros, **kw)
     if self.center_feature_scale:
-      self.center_feature_scale_proj_weight = nnx.Param(jnp.zeros((group, channels), param_dtype))
-      self.center_feature_scale_proj_bias = nnx.Param(jnp.zeros((group,), param_dtype))
+      self.center_feature_scale_proj_weight = param(jnp.zeros((group, channels), param_dtype),
+                                                    None, "embed")
+      self.center_feature_scale_proj_bias = param(jnp.zeros((group,), param_dtype), None)
 
   def __call__(self, u: jax.Array) -> jax.Array:
     if u.ndim != 4 or u.shape[-1] != self.channels:

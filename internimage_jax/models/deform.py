@@ -8,23 +8,15 @@ state dict maps one to one.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from internimage_jax.models.layers import Dtype
+from internimage_jax.models.layers import Dtype, torch_conv_bias_init
 from internimage_jax.ops.deform import deform_conv2d
 from internimage_jax.ops.roi import deform_roi_pool
 from pallas_kernels.dcnv3.params import IntOrPair, pair
-
-
-def _uniform(bound: float) -> nnx.Initializer:
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
 
 
 class _ZeroConv2d(nnx.Module):
@@ -59,21 +51,10 @@ class DeformConv2d(nnx.Module):
   modulated: bool = False
 
   def __init__(
-      self,
-      in_channels: int,
-      out_channels: int,
-      kernel_size: IntOrPair,
-      stride: IntOrPair = 1,
-      padding: IntOrPair = 0,
-      dilation: IntOrPair = 1,
-      groups: int = 1,
-      offset_groups: int = 1,
-      use_bias: bool = True,
-      *,
-      dtype: Dtype = None,
-      param_dtype: Dtype = jnp.float32,
-      rngs: nnx.Rngs,
-  ):
+      self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+      padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1, offset_groups: int = 1,
+      use_bias: bool = True, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
+      rngs: nnx.Rngs):
     name = type(self).__name__
     if groups < 1 or in_channels % groups or out_channels % groups:
       raise ValueError(f"{name}: in_channels ({in_channels}) and out_channels ({out_channels}) "
@@ -87,11 +68,11 @@ class DeformConv2d(nnx.Module):
     self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
     self.groups, self.offset_groups = groups, offset_groups
     self.dtype = dtype
-    fan_in = in_channels // groups * kernel[0] * kernel[1]
-    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)) and PyTorch's bias init
-    self.weight = nnx.Param(_uniform(bound)(
-        rngs.params(), (out_channels, in_channels // groups, *kernel), param_dtype))
-    self.bias = (nnx.Param(_uniform(bound)(rngs.params(), (out_channels,), param_dtype))
+    # PyTorch's default init of weight (kaiming_uniform(a=sqrt(5))) and bias alike.
+    init = torch_conv_bias_init(in_channels // groups * kernel[0] * kernel[1])
+    self.weight = nnx.Param(init(rngs.params(), (out_channels, in_channels // groups, *kernel),
+                                 param_dtype))
+    self.bias = (nnx.Param(init(rngs.params(), (out_channels,), param_dtype))
                  if use_bias else nnx.data(None))
     # (dy, dx) per offset group and kernel point; DCNv2 adds one mask logit each.
     per_point = 3 if self.modulated else 2
@@ -144,17 +125,9 @@ class DeformRoIPool(nnx.Module):
   """
 
   def __init__(
-      self,
-      output_size: IntOrPair,
-      spatial_scale: float = 1.0,
-      sampling_ratio: int = 0,
-      gamma: float = 0.1,
-      *,
-      channels: int,
-      dtype: Dtype = None,
-      param_dtype: Dtype = jnp.float32,
-      rngs: nnx.Rngs,
-  ):
+      self, output_size: IntOrPair, spatial_scale: float = 1.0, sampling_ratio: int = 0,
+      gamma: float = 0.1, *, channels: int, dtype: Dtype = None,
+      param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.output_size = pair(output_size, "output_size")
     self.spatial_scale, self.sampling_ratio = float(spatial_scale), int(sampling_ratio)
     self.gamma, self.channels = float(gamma), channels

@@ -30,9 +30,14 @@ class UnreadableCheckpoint(ValueError):
   """An orbax state directory whose metadata cannot be read; the message says why."""
 
 
+class OldLayoutCheckpoint(ValueError):
+  """An intact orbax state directory in the model layout of releases before 2026-12-03."""
+
+
 def stored_shapes(state_dir: Path) -> list[tuple[int, ...]]:
   """The sorted array shapes an orbax ``StandardSave`` directory holds, read from its
-  metadata alone; ``UnreadableCheckpoint`` when that cannot be read."""
+  metadata alone; ``UnreadableCheckpoint`` when that cannot be read, and
+  ``OldLayoutCheckpoint`` when it holds one entry per block."""
   try:
     with ocp.StandardCheckpointer() as reader:
       stored = reader.metadata(state_dir).item_metadata
@@ -40,6 +45,12 @@ def stored_shapes(state_dir: Path) -> list[tuple[int, ...]]:
     raise UnreadableCheckpoint(describe(e)) from None
   if stored is None:
     raise UnreadableCheckpoint("its _METADATA file is missing")
+  for path, _ in jax.tree_util.tree_flatten_with_path(stored)[0]:
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    if "stacked_blocks" in keys or any(a == "blocks" and b.isdigit()
+                                       for a, b in zip(keys, keys[1:])):
+      raise OldLayoutCheckpoint(
+          "it was written by internimage-jax before levels held their blocks stacked")
   return shapes_of(stored)
 
 
@@ -118,6 +129,10 @@ class Checkpoints:
       stored = stored_shapes(self.directory / str(step) / "state")
     except UnreadableCheckpoint as e:
       return str(e)
+    except OldLayoutCheckpoint as e:
+      raise TrainingError(
+          f"the checkpoint at step {step} in {self.directory} cannot be resumed: {e}; resume "
+          "it with the internimage-jax it was written by, or start a new --workdir") from None
     wanted = shapes_of(abstract_state)
     if stored != wanted:
       raise TrainingError(

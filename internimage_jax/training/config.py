@@ -13,6 +13,7 @@ import inspect
 
 from ml_collections import ConfigDict
 
+from internimage_jax.models.partitioning import DEFAULT_RULES
 from pallas_kernels.dcnv3.api import IMPLEMENTATIONS
 
 RECIPE_RANDAUGMENT = "rand-m9-mstd0.5-inc1"
@@ -68,6 +69,10 @@ def base_config() -> ConfigDict:
   # axis -> size; one may be -1 (the rest). data: batch only; fsdp: batch, parameters
   # and optimizer state; model: tensor parallelism of the MLP and clip-projector linears.
   cfg.mesh = ConfigDict(dict(data=-1, fsdp=1, model=1))
+  # Parameter placement: logical axis (models/partitioning.py) -> mesh axis or None
+  # (whole). The default splits channels over fsdp and the MLP and attention features
+  # over model; e.g. embed=None keeps the parameters whole on every device.
+  cfg.axis_rules = ConfigDict(dict(DEFAULT_RULES))
   cfg.checkpoint = ConfigDict(dict(every_steps=0, keep=3))  # 0 = once per epoch
   cfg.log_every_steps = 50
   cfg.eval_every_steps = 0  # 0 = once per epoch
@@ -124,7 +129,7 @@ def _model_options() -> list[str]:
   from internimage_jax.models.internimage import InternImage
 
   set_by_trainer = {"self", "num_classes", "rngs", "dtype", "activation_sharding",
-                    "param_sharding", "remat", "implementation"}
+                    "axis_rules", "remat", "implementation"}
   return [p for p in inspect.signature(InternImage.__init__).parameters
           if p not in set_by_trainer]
 
@@ -139,6 +144,10 @@ def validate(cfg: ConfigDict) -> None:
   if cfg.model.remat not in ("none", "block", "dots"):
     raise ValueError(f"config.model.remat must be 'none', 'block' or 'dots', got "
                      f"{cfg.model.remat!r}")
+  for name, axis in cfg.axis_rules.items():
+    if axis not in (None, "data", "fsdp", "model"):
+      raise ValueError(f"config.axis_rules.{name} must be a mesh axis (data, fsdp, model) or "
+                       f"None, got {axis!r}")
   if cfg.model.implementation not in IMPLEMENTATIONS:
     raise ValueError(f"config.model.implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{cfg.model.implementation!r}")

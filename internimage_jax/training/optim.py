@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from internimage_jax.models.stacking import block_ndim, map_params, stack_blocks
+from internimage_jax.models.partitioning import is_variable, stacked_dims
 
 # Parameters whose LR gets ``dcn_lr_mul`` (matched in the official names, as the original).
 DCN_LR_KEYWORDS = ("offset", "center_feature_scale_proj")
@@ -38,7 +38,8 @@ def schedule(cfg: ConfigDict, global_batch: int, total_steps: int,
 def decay_mask(params):
   """Weight decay on matrices and convolution kernels, not on 1-D tensors (norms, biases,
   layer scales); a stacked block parameter by the rank of one block's."""
-  return map_params(lambda names, p: block_ndim(names, p) > 1, params)
+  return jax.tree.map(lambda v: v.replace(v.get_value().ndim - stacked_dims(v) > 1), params,
+                      is_leaf=is_variable)
 
 
 def layer_decay_ratios(depths: Sequence[int], ratio: float) -> dict[str, float]:
@@ -67,19 +68,20 @@ def lr_multiplier(name: str, ratios: dict[str, float], dcn_lr_mul: float) -> flo
 
 
 def lr_multipliers(model: nnx.Module, cfg: ConfigDict):
-  """A tree like the train state's (block-stacked) parameters of per-parameter LR
-  multipliers (for a stacked parameter, one per block), or ``None`` when all are 1."""
+  """A tree like the model's parameters of per-parameter LR multipliers (for a stacked
+  parameter, one per block), or ``None`` when all are 1."""
   if not cfg.layer_decay and cfg.dcn_lr_mul == 1.0:
     return None
   from internimage_jax.convert import official_names
 
   ratios = layer_decay_ratios(model.depths, cfg.layer_decay) if cfg.layer_decay else {}
   names = official_names(model)
-  # Same tree structure as the parameters (Variables included), with floats as values.
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return stack_blocks(nnx.from_flat_state(
-      [(path, var.replace(lr_multiplier(names[path], ratios, cfg.dcn_lr_mul)))
-       for path, var in flat]), combine=lambda values: np.asarray(values, np.float64))
+  # Same tree structure as the parameters (Variables included), with numbers as values.
+  return nnx.from_flat_state([
+      (path, var.replace(np.asarray([lr_multiplier(n, ratios, cfg.dcn_lr_mul)
+                                     for n in names[path]], np.float64).reshape(
+                                         var.get_value().shape[:stacked_dims(var)])))
+      for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))])
 
 
 def scale_by_tree(multipliers) -> optax.GradientTransformation:

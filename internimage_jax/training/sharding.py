@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -11,22 +10,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from internimage_jax.models.stacking import is_stacked, map_params
+from internimage_jax.models.partitioning import is_variable, variable_sharding
 
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
 MESH_AXES = ("data", "fsdp", "model")
-
-# Tensor parallelism over the "model" axis, Megatron style: the MLP's first linear and
-# the clip projector's q/k/v split their outputs, the MLP's second linear and the
-# projector's output projection their inputs. The hidden activations then stay split
-# between the pair and one all-reduce joins each pair's output. Parameter-name suffix
-# -> the dimension split over "model" (biases follow their outputs).
-TENSOR_PARALLEL = {
-    ("mlp", "fc1", "kernel"): 1, ("mlp", "fc1", "bias"): 0, ("mlp", "fc2", "kernel"): 0,
-    ("cross_dcn", "q", "kernel"): 1, ("cross_dcn", "k", "kernel"): 1,
-    ("cross_dcn", "v", "kernel"): 1, ("cross_dcn", "q_bias"): 0, ("cross_dcn", "k_bias"): 0,
-    ("cross_dcn", "v_bias"): 0, ("cross_dcn", "proj", "kernel"): 0,
-}
 
 
 def make_mesh(axes: Mapping[str, int], devices=None) -> Mesh:
@@ -64,80 +51,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.shape)))
 
 
-def tensor_parallel_dim(shape: tuple[int, ...], mesh: Mesh, names: tuple[str, ...] = ()
-                        ) -> int | None:
-  """The dimension of parameter ``names`` split over the ``model`` axis, if any."""
-  ways = mesh.shape.get("model", 1)
-  if ways == 1:
-    return None
-  for suffix, dim in TENSOR_PARALLEL.items():
-    if tuple(names[-len(suffix):]) == suffix:
-      if shape[dim] % ways:
-        raise ValueError(f"tensor parallelism: {'.'.join(names)} of shape {shape} cannot "
-                         f"split dimension {dim} {ways} ways (mesh model={ways})")
-      return dim
-  return None
+def state_shardings(abstract_state, mesh: Mesh, rules: Mapping[str, str | None]):
+  """NamedShardings for a train state (parameters, optimizer moments, EMA: Variables
+  that name their dimensions) by the logical axis ``rules``; the rest is replicated."""
 
+  def place(x) -> NamedSharding:
+    if is_variable(x):
+      return x.replace(variable_sharding(x, mesh, rules))
+    return NamedSharding(mesh, P())
 
-def param_spec(shape: tuple[int, ...], mesh: Mesh, names: tuple[str, ...] = ()) -> P:
-  """Where parameter ``names`` of ``shape`` lives. Tensor parallelism first (the
-  ``TENSOR_PARALLEL`` dimension over ``model``); then the FSDP rule: a matrix or kernel
-  (two or more dimensions longer than 1) is split along its largest other dimension
-  divisible by the ``fsdp`` axis; anything else (norm scales, biases, scalars, or no
-  divisible dimension) is not split over ``fsdp``.
-
-  Vectors are a negligible share of the parameters, and a channel-sharded vector
-  invites XLA to shard the activations it scales by channel too.
-  """
-  spec: list[str | None] = [None] * len(shape)
-  tp = tensor_parallel_dim(shape, mesh, names)
-  if tp is not None:
-    spec[tp] = "model"
-  fsdp = mesh.shape.get("fsdp", 1)
-  if fsdp > 1 and sum(d > 1 for d in shape) >= 2:
-    for dim in np.argsort(shape)[::-1]:
-      if dim != tp and shape[dim] % fsdp == 0 and shape[dim] >= fsdp:
-        spec[dim] = "fsdp"
-        break
-  return P(*spec) if any(spec) else P()
-
-
-def use_spec(shape: tuple[int, ...], mesh: Mesh, names: tuple[str, ...] = ()) -> P:
-  """Where parameter ``names`` is placed for its use: gathered over ``fsdp``, still
-  split over ``model`` for tensor parallelism."""
-  tp = tensor_parallel_dim(shape, mesh, names)
-  if tp is None:
-    return P()
-  return P(*("model" if d == tp else None for d in range(len(shape))))
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSharding:
-  """The placement rules for the model (``param_sharding=``), by parameter shape and
-  name: ``param_sharding(shape, names)`` is where the state keeps it (scanned levels
-  place their stacked parameters, and each block's gradients, so); ``at_use`` is
-  where a block gathers it to compute."""
-
-  mesh: Mesh
-
-  def __call__(self, shape: tuple[int, ...], names: tuple[str, ...] = ()) -> NamedSharding:
-    return NamedSharding(self.mesh, param_spec(tuple(shape), self.mesh, names))
-
-  def at_use(self, shape: tuple[int, ...], names: tuple[str, ...] = ()) -> NamedSharding:
-    return NamedSharding(self.mesh, use_spec(tuple(shape), self.mesh, names))
-
-
-def state_shardings(abstract_state, mesh: Mesh):
-  """NamedShardings for a pytree of arrays/ShapeDtypeStructs by the FSDP rule; a
-  block-stacked leaf is split like one block's parameter, its block axis kept whole
-  (the placement the scanned level gives its stacked parameters)."""
-
-  def place(names, x) -> NamedSharding:
-    if is_stacked(names):
-      return NamedSharding(mesh, P(None, *param_spec(tuple(x.shape[1:]), mesh, names)))
-    return NamedSharding(mesh, param_spec(tuple(x.shape), mesh, names))
-
-  return map_params(place, abstract_state)
+  return jax.tree.map(place, abstract_state, is_leaf=is_variable)
 
 
 def global_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:

@@ -3,9 +3,9 @@
 ``TrainProgram`` is everything that depends only on the config (model, optimizer, mesh,
 sharded state, the jitted train and eval steps); ``Trainer`` adds data, checkpoints and
 metrics. State layout: ``{"params", "batch_stats", "opt_state", "step"[, "ema_params"]}``,
-placed by the FSDP rule over the mesh (``sharding.py``); the blocks' parameters, their
-optimizer moments and EMA are stacked per level (``models/stacking.py``), so the
-optimizer compiles the same for any depth, and ``merge`` gives the per-block model.
+placed over the mesh by the config's logical axis rules (``sharding.py``); a level's
+blocks hold their parameters stacked (and so do the optimizer moments and EMA), so the
+optimizer compiles the same for any depth.
 The step is ``jax.jit`` with explicit in/out shardings and the state donated. All
 randomness of a step (drop path, random erasing, mixup/cutmix) comes from ``(seed,
 step)``, and host augmentation from ``(seed, example position)``, so a resumed run
@@ -34,7 +34,6 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from internimage_jax import models
-from internimage_jax.models.stacking import stack_blocks, unstack_blocks
 from internimage_jax.training import augment, batch_augment, optim, pipeline, sharding, sources
 from internimage_jax.training import config as config_lib
 from internimage_jax.training.checkpoints import Checkpoints
@@ -144,7 +143,6 @@ class TrainProgram:
       # The graph definition is static: the shape-only trace below records it, so the
       # (for large models, slow) construction is traced once for shapes, once for init.
       self.graphdef, params, stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-      params = stack_blocks(params)
       state = {"params": params, "batch_stats": stats, "opt_state": self.tx.init(params),
                "step": jnp.zeros((), jnp.int32)}
       if cfg.train.ema_decay:
@@ -153,7 +151,8 @@ class TrainProgram:
 
     # Shapes first, then the sharded init: nothing is allocated unsharded.
     abstract_state, abstract_rng = jax.eval_shape(init)  # options: config.validate
-    self.state_shardings = sharding.state_shardings(abstract_state, self.mesh)
+    self.state_shardings = sharding.state_shardings(abstract_state, self.mesh,
+                                                    cfg.axis_rules.to_dict())
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.rng_shardings = jax.tree.map(lambda _: self.replicated, abstract_rng)
     self.init = jax.jit(init, out_shardings=(self.state_shardings, self.rng_shardings))
@@ -183,7 +182,7 @@ class TrainProgram:
                          rngs=nnx.Rngs(cfg.seed if seed is None else seed),
                          dtype=COMPUTE_DTYPES[cfg.train.compute_dtype],
                          activation_sharding=sharding.batch_sharding(self.mesh),
-                         param_sharding=sharding.ParamSharding(self.mesh),
+                         axis_rules=cfg.axis_rules.to_dict(),
                          remat=cfg.model.remat, implementation=cfg.model.implementation,
                          **cfg.model.overrides.to_dict())
 
@@ -197,12 +196,12 @@ class TrainProgram:
 
   def merge(self, state, rng_state, params_key: str = "params") -> models.InternImage:
     """The model of a train state (``params_key``: ``"params"`` or ``"ema_params"``)."""
-    return nnx.merge(self.graphdef, unstack_blocks(state[params_key]), state["batch_stats"],
+    return nnx.merge(self.graphdef, state[params_key], state["batch_stats"],
                      rng_state)
 
   def params_of(self, model: nnx.Module) -> nnx.State:
-    """A model's parameters in the train state's (stacked) layout."""
-    return stack_blocks(nnx.state(model, nnx.Param))
+    """A model's parameters as the train state holds them."""
+    return nnx.state(model, nnx.Param)
 
   # ----------------------------------------------------------------- steps
   def _augment(self, key, images, labels):
@@ -223,14 +222,14 @@ class TrainProgram:
     aug_key, drop_key = jax.random.split(key)
     x, targets = self._augment(aug_key, images, labels)
     model = self.merge(state, rng_state)
-    nnx.reseed(model, dropout=drop_key)
+    nnx.reseed(model, dropout=drop_key, policy="match_shape")  # a key per stacked block
     model.train()
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    params = state["params"]  # stacked: the gradients come back stacked too
+    params = state["params"]
 
     def loss_fn(params, rest, x, targets):
       # Fresh Variables (copy=True) that belong to this trace, so the RNG counts can move.
-      model = nnx.merge(graphdef, unstack_blocks(params), rest, copy=True)
+      model = nnx.merge(graphdef, params, rest, copy=True)
       logits = model(x).astype(jnp.float32)
       loss = optax.softmax_cross_entropy(logits, targets).mean()
       return loss, nnx.state(model, nnx.Not(nnx.Param))  # new batch stats and RNG counts
