@@ -4,6 +4,7 @@ fallback and the original CUDA op, training steps, launch-configuration sweep, t
     python benchmarks/gpu_check.py --out "$OUT" --budget 560        # one device call
     python benchmarks/gpu_check.py --out "$OUT" --budget 560 --stages train_h  # alone
     python benchmarks/gpu_check.py --smoke --out /tmp/gc          # tiny CPU run of the script
+    python benchmarks/gpu_check.py --quick --out /tmp/gc          # the same, in under a minute
 
 Stages, in order of importance, each bounded by what is left of ``--budget`` seconds
 (a device lease is short), each result written to ``--out`` as soon as it exists:
@@ -25,8 +26,8 @@ Stages, in order of importance, each bounded by what is left of ``--budget`` sec
    at the T level-0 shape, and the backward without its input-gradient atomics (their
    share of its time); prints the best configuration per kernel and dtype as entries
    of ``config.TUNED_TRITON``.
-6. ``tests``: the operator test files on the device (``implementation="pallas"`` is
-   the compiled Triton kernel there).
+6. ``tests``: the operator's test suite on the device (``implementation="pallas_triton"``
+   is the compiled Triton kernel there; the Mosaic kernels' interpreted runs skip).
 7. ``train_h`` (not in the default run): the full H training step of ``train.py`` at
    640 px, remat per block, bfloat16 compute: the largest per-device batch that fits
    (``benchmarks/train_step.py``).
@@ -293,7 +294,7 @@ def main() -> None:
   parser.add_argument("--stages", default=None,
                       help=f"comma-separated subset of {','.join(STAGES)} (default: "
                            f"{','.join(DEFAULT_STAGES)}; with --smoke all but tests and "
-                           "originals)")
+                           "originals; with --quick all but those and train_t)")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--originals", type=Path, default=REPO / ".originals",
                       help="snapshots of the original ops (benchmarks/build_originals.py)")
@@ -302,10 +303,18 @@ def main() -> None:
                            "(default 80: near the largest on an H100 by the one H step "
                            "measured there; 32 with --smoke)")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU run of the script)")
+  parser.add_argument("--quick", action="store_true",
+                      help="--smoke at the smallest shapes with one launch configuration in "
+                           "the sweep and no train step by default (with --stages train_t, "
+                           "the fallback's only): the kernel stages and the report in "
+                           "well under a minute on a CPU")
   args = parser.parse_args()
-  # The smoke run has no GPU: no device tests, nothing of the CUDA originals.
+  smoke = args.smoke or args.quick
+  # The smoke run has no GPU: no device tests, nothing of the CUDA originals. The
+  # quick run skips the train step too (the fallback's alone compiles for ~20 s).
+  skipped = ("tests", "originals") + (("train_t",) if args.quick else ())
   stages = (args.stages.split(",") if args.stages
-            else [s for s in DEFAULT_STAGES if not (args.smoke and s in ("tests", "originals"))])
+            else [s for s in DEFAULT_STAGES if not (smoke and s in skipped)])
   unknown = sorted(set(stages) - set(STAGES))
   if unknown:
     parser.error(f"unknown stages {unknown}; choose from {STAGES}")
@@ -317,9 +326,15 @@ def main() -> None:
   interpret = jax.default_backend() != "gpu"
   builds = start_builds(args.originals, out) if "originals" in stages else None
 
-  if args.smoke:
+  train_impls = IMPLS
+  if args.quick:  # 16 channels per group as in --smoke, one image of 3 x 3 pixels
+    level1 = [StageShape("quick/level1", 1, 3, 16, 1)]
+    t_levels, large, dtypes, sweep = level1, level1, [jnp.float32], (DEFAULT_TRITON,)
+    train_impls = ("xla",)  # the kernels' interpreted train step takes minutes
+  elif args.smoke:
     level1 = [StageShape("smoke/level1", 2, 6, 32, 2)]
     t_levels, large, dtypes, sweep = level1, level1, [jnp.float32], SWEEP[:2]
+  if smoke:
     tiny = ["--options", json.dumps({"channels": 16, "depths": [1, 1, 1, 1],
                                      "groups": [1, 2, 4, 8]})]
     t_step, h_step = (1, 32, tiny), ("internimage_t", 32, [*tiny, "--limit-gib", "2"])
@@ -334,7 +349,7 @@ def main() -> None:
     operator_shapes = [t_levels[0], t_levels[1], large[0]]
 
   if "correctness" in stages:
-    for shape in (t_levels[0], large[0]):
+    for shape in dict.fromkeys((t_levels[0], large[0])):  # one shape when smoke
       for dtype in dtypes:
         try:
           row = check_case(shape, dtype)
@@ -345,7 +360,7 @@ def main() -> None:
 
   bandwidth = None
   if {"operator", "sweep", "operator_large", "originals"} & set(stages):
-    bandwidth = copy_bandwidth(1 << 20 if args.smoke else 1 << 30)
+    bandwidth = copy_bandwidth(1 << 20 if smoke else 1 << 30)
     report.set("copy_bandwidth_gbps", bandwidth / 1e9)
 
   def operator(key: str, shapes: list[StageShape], keep: float) -> None:
@@ -377,8 +392,8 @@ def main() -> None:
     operator("operator", operator_shapes, keep("operator"))
 
   if "train_t" in stages:
-    for i, impl in enumerate(IMPLS):
-      share = (clock.left() - keep("train_t")) / (len(IMPLS) - i)
+    for i, impl in enumerate(train_impls):
+      share = (clock.left() - keep("train_t")) / (len(train_impls) - i)
       report.append("train_t", model_step("internimage_t", impl, *t_step, timeout=share))
 
   if "originals" in stages:
@@ -450,7 +465,7 @@ def main() -> None:
       proc = subprocess.run(
           [sys.executable, "-m", "pytest", "-q", "-rfE", "--durations=8", "-p",
            "no:cacheprovider", "-p", "no:xdist", *per_test,
-           "tests/test_dcnv3_pallas.py", "tests/test_dcnv3_op.py"],
+           "tests/test_dcnv3_backends.py"],
           cwd=REPO, capture_output=True, text=True, timeout=timeout)
       report.set("tests", {"returncode": proc.returncode, "tail": proc.stdout[-4000:]})
     except subprocess.TimeoutExpired as e:

@@ -145,7 +145,7 @@ def train_losses(workdir) -> dict[int, float]:
   return {m["step"]: m["train/loss"] for m in metrics_rows(workdir) if "train/loss" in m}
 
 
-# ------------------------------------------------------- DCNv3: shared by every backend's tests
+# ------------------------------------ DCNv3: the backends' suite (test_dcnv3_backends) and sharding
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # Lowering a Triton kernel asks for the target GPU; without one attached (CI), newer
 # JAX reads it from the abstract mesh's device. An H100, the card we benchmark on.

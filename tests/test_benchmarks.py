@@ -36,22 +36,47 @@ def test_model_benchmark_runs():
   assert result["first_loss"] > 0
 
 
-@pytest.mark.slow
-def test_gpu_check_script_runs_on_cpu(tmp_path):
-  """The prepared GPU command, in its tiny CPU mode (Pallas kernels interpreted; no
-  device tests, no CUDA originals)."""
-  subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--repeats", "1",
+def _gpu_check(tmp_path, *flags: str) -> tuple[dict, str]:
+  """``benchmarks/gpu_check.py FLAGS`` on this CPU (quick codegen, from conftest's
+  XLA_FLAGS): its JSON report and markdown."""
+  subprocess.run([sys.executable, "benchmarks/gpu_check.py", *flags, "--repeats", "1",
                   "--budget", "400", "--out", str(tmp_path)], check=True, cwd=REPO,
                  capture_output=True, text=True)
-  report = json.loads((tmp_path / "gpu_check.json").read_text())
+  return (json.loads((tmp_path / "gpu_check.json").read_text()),
+          (tmp_path / "gpu_check.md").read_text())
+
+
+def _check_kernel_stages(report: dict, markdown: str) -> None:
+  """Correctness, operator timings of both implementations, the launch-configuration
+  sweep with its tuned entries, and the markdown of each."""
+  assert report["correctness"] and all(r["ok"] for r in report["correctness"])
   assert {r["impl"] for r in report["operator"]} == {"pallas", "xla"}
-  assert all("train_images_per_second" in s for s in report["train_t"])
+  assert {r["mode"] for r in report["operator"]} == {"fwd", "fwd_bwd"}
   assert {tuple(t["key"]) for t in report["tuned"]} == {("forward", 16, "float32"),
                                                         ("backward", 16, "float32")}
   modes = {r["mode"] for r in report["sweep"]}
   assert modes == {"forward", "backward", "backward without grad_x atomics"}
-  markdown = (tmp_path / "gpu_check.md").read_text()
-  assert "vs xla" in markdown and "TUNED_TRITON" in markdown
+  assert "correctness" in markdown and "vs xla" in markdown and "TUNED_TRITON" in markdown
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+  """The prepared GPU command, in its tiny CPU mode (Pallas kernels interpreted; no
+  device tests, no CUDA originals)."""
+  report, markdown = _gpu_check(tmp_path, "--smoke")
+  _check_kernel_stages(report, markdown)
+  assert {s["implementation"] for s in report["train_t"]} == {"pallas", "xla"}
+  assert all("train_images_per_second" in s for s in report["train_t"])
+  assert "train_t" in markdown
+
+
+def test_gpu_check_quick_mode_runs_on_cpu(tmp_path):
+  """The fast twin of the test above: ``--quick`` runs the same stages' code but the
+  train step (smallest shapes, one launch configuration), in ~30 s."""
+  report, markdown = _gpu_check(tmp_path, "--quick")
+  _check_kernel_stages(report, markdown)
+  assert "train_t" not in report
+  assert len({r["config"]["block_q"] for r in report["sweep"]}) == 1
 
 
 def test_train_step_benchmark_searches_and_runs_the_largest_batch():

@@ -23,13 +23,12 @@ and scatter update exist at a time. Reverse mode only (``jax.grad``, ``jax.vjp``
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.dcnv3.params import IntOrPair, pair
-from pallas_kernels.dcnv3.reference import compute_dtype
+from pallas_kernels.dcnv3.reference import Corner, bilinear_corners, compute_dtype
 
 
 def _check_float(name: str, array: jax.Array) -> None:
@@ -37,71 +36,53 @@ def _check_float(name: str, array: jax.Array) -> None:
     raise TypeError(f"deform_conv2d: {name} must be floating point, got {array.dtype}")
 
 
-class _Corner(NamedTuple):
-  """One bilinear neighbour of every sampling point (arrays ``[N, Ho, Wo, P, OG]``)."""
-
-  row: jax.Array  # row of the ``[N*H*W*OG, Cg]`` table, clamped in range
-  weight: jax.Array  # bilinear weight; zero outside the image or for a skipped point
-  dweight_dy: jax.Array
-  dweight_dx: jax.Array
-
-
 def _corners(py: jax.Array, px: jax.Array, *, height: int, width: int,
-             offset_groups: int) -> list[_Corner]:
-  """torchvision's rule: a point is sampled when ``-1 < y < H`` and ``-1 < x < W``;
+             offset_groups: int) -> list[Corner]:
+  """The four bilinear corners of every sampling point (arrays ``[N, Ho, Wo, P, OG]``),
+  rows of the ``[N*H*W*OG, Cg]`` table: DCNv3's corners (``bilinear_corners``) with
+  torchvision's rule on top. A point is sampled when ``-1 < y < H`` and ``-1 < x < W``;
   each of its four corners contributes only if it lies in the image. A NaN position
   (a NaN offset) gives NaN weights, so it propagates to the output and the gradients
   as in ``dcnv3``, instead of counting as a point outside the image."""
   n = py.shape[0]
-  unknown = jnp.isnan(py) | jnp.isnan(px)
-  nan = jnp.where(unknown, jnp.nan, 0).astype(py.dtype)  # NaN position derivatives too
-  inside = (py > -1) & (py < height) & (px > -1) & (px < width)
-  y0, x0 = jnp.floor(py), jnp.floor(px)
-  ly, lx = py - y0, px - x0
-  y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
-  batch = jnp.arange(n, dtype=jnp.int32).reshape(n, 1, 1, 1, 1)
-  group = jnp.arange(offset_groups, dtype=jnp.int32)
-  corners = []
-  for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
-    yc, xc = y0 + dy, x0 + dx
-    ok = (inside & (yc >= 0) & (yc < height) & (xc >= 0) & (xc < width)) | unknown
-    wy, wx = (ly if dy else 1 - ly), (lx if dx else 1 - lx)
-    zero = jnp.zeros_like(wy)
-    row = ((batch * height + jnp.clip(yc, 0, height - 1)) * width
-           + jnp.clip(xc, 0, width - 1)) * offset_groups + group
-    corners.append(_Corner(
-        row, jnp.where(ok, wy * wx, zero),
-        jnp.where(ok, (1 if dy else -1) * wx + nan, zero),
-        jnp.where(ok, wy * (1 if dx else -1) + nan, zero)))
-  return corners
+  valid = (py > -1) & (py < height) & (px > -1) & (px < width)
+  return bilinear_corners(
+      px, py, batch=jnp.arange(n, dtype=jnp.int32).reshape(n, 1, 1, 1, 1),
+      group_index=jnp.arange(offset_groups, dtype=jnp.int32), group=offset_groups,
+      height=height, width=width, valid=valid, propagate_nan=True)
 
 
-def _sample(table: jax.Array, corners: list[_Corner], mask: jax.Array, dtype) -> jax.Array:
+def _stacked(corners: list[Corner]) -> Corner:
+  """The corners stacked for a scan over them, without ``inside`` (the weights hold it)."""
+  return jax.tree.map(lambda *a: jnp.stack(a), *(c._replace(inside=None) for c in corners))
+
+
+def _sample(table: jax.Array, corners: list[Corner], mask: jax.Array, dtype) -> jax.Array:
   """The columns ``[N, Ho, Wo, P, OG, Cg]``: the four weighted corner gathers summed
   elementwise (XLA fuses them into one pass)."""
   out = None
   for corner in corners:
-    term = table[corner.row].astype(dtype) * (corner.weight * mask)[..., None]
+    term = table[corner.index].astype(dtype) * (corner.weight * mask)[..., None]
     out = term if out is None else out + term
   return out
 
 
-def _sample_materialised(table: jax.Array, corners: list[_Corner], mask: jax.Array,
+def _sample_materialised(table: jax.Array, corners: list[Corner], mask: jax.Array,
                          dtype) -> jax.Array:
   """:func:`_sample` as a loop over the corners, whose result XLA cannot fuse into
   its readers. When the columns have two readers (the forward matmul and the weight
   gradient), XLA fuses the plain corner sum into both and keeps the four corner
   gathers for them: twice the time and four extra column-sized buffers."""
-  stacked = jax.tree.map(lambda *a: jnp.stack(a), *corners)
+  stacked = _stacked(corners)
 
   def corner_step(cols, corner):
-    return cols + table[corner.row].astype(dtype) * (corner.weight * mask)[..., None], None
+    return cols + table[corner.index].astype(dtype) * (corner.weight * mask)[..., None], None
 
   cols = jnp.zeros(mask.shape + (table.shape[1],), dtype)
   return jax.lax.scan(corner_step, cols, stacked)[0]
 
 
-def _sample_vjp(table: jax.Array, corners: list[_Corner], mask: jax.Array, g: jax.Array,
+def _sample_vjp(table: jax.Array, corners: list[Corner], mask: jax.Array, g: jax.Array,
                 dtype) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Gradients of :func:`_sample` for the columns' gradient ``g``: input table,
   positions ``(y, x)`` and mask.
@@ -112,13 +93,13 @@ def _sample_vjp(table: jax.Array, corners: list[_Corner], mask: jax.Array, g: ja
   which gives the gradient of the corner's weight, hence of positions and mask; one
   scatter-add sends the weighted gradient to the input.
   """
-  stacked = jax.tree.map(lambda *a: jnp.stack(a), *corners)
+  stacked = _stacked(corners)
 
   def corner_step(carry, corner):
     dtable, dpy, dpx, dmask = carry
-    dot = jnp.einsum("...c,...c->...", table[corner.row].astype(dtype), g,
+    dot = jnp.einsum("...c,...c->...", table[corner.index].astype(dtype), g,
                      precision=jax.lax.Precision.HIGHEST)
-    dtable = dtable.at[corner.row].add(g * (corner.weight * mask)[..., None])
+    dtable = dtable.at[corner.index].add(g * (corner.weight * mask)[..., None])
     return (dtable, dpy + dot * corner.dweight_dy, dpx + dot * corner.dweight_dx,
             dmask + dot * corner.weight), None
 

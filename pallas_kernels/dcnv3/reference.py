@@ -42,8 +42,8 @@ class Corner(NamedTuple):
   """One bilinear neighbour of a set of sampling points (arrays of their shape)."""
 
   index: jax.Array  # row of the table (clamped in range)
-  inside: jax.Array  # whether the neighbour lies in the image
-  weight: jax.Array  # bilinear weight, zero where the neighbour is outside the image
+  inside: jax.Array  # whether the neighbour counts: in the image (and its point ``valid``)
+  weight: jax.Array  # bilinear weight, zero where the neighbour does not count
   dweight_dx: jax.Array  # d weight / d px
   dweight_dy: jax.Array  # d weight / d py
 
@@ -84,14 +84,24 @@ def _point_positions(
 
 def bilinear_corners(
     px: jax.Array, py: jax.Array, *, batch: jax.Array, group_index: jax.Array, group: int,
-    height: int, width: int
+    height: int, width: int, valid: jax.Array | None = None, propagate_nan: bool = False,
 ) -> list[Corner]:
   """Row indices, weights and weight derivatives of the four bilinear corners.
 
   ``batch`` and ``group_index`` (ints broadcastable to ``px``) say whose points they
-  are; rows index the ``[N*H*W*G, C]`` table. Shared by the XLA fallback and the
-  Pallas kernels, so both sample exactly the same way.
+  are; rows index the ``[N*H*W*G, C]`` table. The one home of the bilinear rule:
+  shared by the XLA fallback and the Pallas kernels, so both sample exactly the same
+  way, and by ``internimage_jax.ops.deform_conv2d`` (torchvision's rule), which adds:
+
+  * ``valid``: points sampled at all (torchvision: ``-1 < y < H`` and ``-1 < x < W``);
+    a corner counts only if it lies in the image and its point is valid.
+  * ``propagate_nan``: a NaN position gets NaN weights and derivatives (in place of
+    zeros when its corners do not count), so that it reaches the output and the
+    gradients as in DCNv3 instead of counting as a point outside the image.
   """
+  if propagate_nan:
+    unknown = jnp.isnan(px) | jnp.isnan(py)
+    nan = jnp.where(unknown, jnp.nan, 0).astype(px.dtype)  # NaN position derivatives too
   x0, y0 = jnp.floor(px), jnp.floor(py)
   lx, ly = px - x0, py - y0
   x0i, y0i = x0.astype(jnp.int32), y0.astype(jnp.int32)
@@ -99,17 +109,25 @@ def bilinear_corners(
   for dy, dx in _CORNERS:
     yy, xx = y0i + dy, x0i + dx
     inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+    if valid is not None:
+      inside = valid & inside
     wy = ly if dy else 1 - ly
     wx = lx if dx else 1 - lx
+    dwx = wy if dx else -wy
+    dwy = wx if dy else -wx
+    counts = inside
+    if propagate_nan:
+      counts = inside | unknown
+      dwx, dwy = dwx + nan, dwy + nan
     zero = jnp.zeros_like(wy)
     row = ((batch * height + jnp.clip(yy, 0, height - 1)) * width
            + jnp.clip(xx, 0, width - 1)) * group + group_index
     corners.append(Corner(
         index=row,
         inside=inside,
-        weight=jnp.where(inside, wy * wx, zero),
-        dweight_dx=jnp.where(inside, wy if dx else -wy, zero),
-        dweight_dy=jnp.where(inside, wx if dy else -wx, zero),
+        weight=jnp.where(counts, wy * wx, zero),
+        dweight_dx=jnp.where(counts, dwx, zero),
+        dweight_dy=jnp.where(counts, dwy, zero),
     ))
   return corners
 
