@@ -297,3 +297,40 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path):
       assert not np.allclose(h0, s0), name  # the step really updates the statistics
       np.testing.assert_allclose(got, 0.9 * h0 + (h1 - 0.9 * s0), rtol=1e-5, atol=1e-6,
                                  err_msg=name)
+
+
+def test_the_train_step_compiled_ahead_is_the_one_that_runs():
+  """The trainer compiles the step in the background while the init compiles: the
+  first steps (on the init's state, then on a step's) run that executable, with no
+  compile of their own."""
+  import jax
+
+  from internimage_jax.training import sharding
+  from internimage_jax.training.trainer import TrainProgram
+
+  spec = importlib.util.spec_from_file_location("q", REPO / "configs" / "quickstart.py")
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  program = TrainProgram(quickstart.get_config(), num_classes=10, steps_per_epoch=10)
+  ahead = program.train_step.compile_ahead(*program.abstract_inputs())
+  state, rngs = program.init()
+  batch = program.cfg.train.global_batch
+  rng = np.random.default_rng(0)
+  images = sharding.global_batch(program.mesh, rng.integers(
+      0, 255, (batch, program.cfg.data.image_size, program.cfg.data.image_size, 3), np.uint8))
+  labels = sharding.global_batch(program.mesh, rng.integers(0, 10, batch).astype(np.int32))
+  ahead.result()
+  compiles = []
+
+  def listen(name, secs, **kwargs):
+    if name.endswith("backend_compile_duration"):
+      compiles.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for _ in range(2):
+      state, metrics = program.train_step(state, rngs, images, labels)
+      assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiles == []

@@ -5,13 +5,15 @@ XLA:CPU runs cross-process collectives over gloo, which gives a new group of dev
 that while they compile: one may load a program from the persistent compilation cache
 (only process 0 writes it) while another compiles it for a minute. So agreement goes
 through jax.distributed's coordination service, which waits as long as asked, and each
-program is compiled before its first run and then started by all processes together.
+program is compiled before its first run and then started by all processes together
+(``Program``, which also compiles ahead in the background for one process or many).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -19,6 +21,9 @@ from orbax.checkpoint import multihost
 
 PATIENCE_MS = 30 * 60 * 1000  # a slow process (a cold compile of the largest model)
 _rounds = itertools.count()  # every process makes the same calls in the same order
+# Compiles in the background. Workers are joined at exit: a compile in flight finishes
+# first rather than being torn down inside XLA.
+_COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="compile")
 
 
 def _key(name: str) -> str:
@@ -41,21 +46,57 @@ def everywhere(ok: bool, name: str = "agree") -> bool:
              for p in range(jax.process_count()))
 
 
-class StartedTogether:
-  """A jitted program that, with several processes, is compiled before its first run on
-  each new input signature, and then run once every process has compiled it."""
+def _signature(args) -> tuple:
+  """What a compiled executable is specific to: tree, shapes, dtypes and placements.
+  Arrays and ``jax.ShapeDtypeStruct`` with the same placement give the same signature."""
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
+
+
+def _finished(value: Any) -> Future:
+  future: Future = Future()
+  future.set_result(value)
+  return future
+
+
+class Program:
+  """A jitted function run as compiled executables, one per input signature.
+
+  ``compile_ahead`` compiles it in a background thread, so that the train step compiles
+  while the init compiles and runs (XLA compiles outside the GIL). With several
+  processes, a program is compiled before its first run on each new signature and then
+  started once every process has compiled it. With one process and nothing compiled
+  ahead, calls go straight to the jitted function.
+  """
 
   def __init__(self, jitted: Callable[..., Any], name: str):
     self._jitted, self._name = jitted, name
-    self._compiled: dict[Any, Callable[..., Any]] = {}
+    self._compiled: dict[Any, Future] = {}
+    self._started: set[Any] = set()
+
+  def lower(self, *args):
+    return self._jitted.lower(*args)
+
+  def compile_ahead(self, *args) -> Future:
+    """Starts compiling for ``args`` (arrays or ``jax.ShapeDtypeStruct`` with their
+    shardings); the future's result is the executable. A compile error is raised here
+    by ``result()`` or at the first call with that signature."""
+    key = _signature(args)
+    if key not in self._compiled:
+      self._compiled[key] = _COMPILER.submit(lambda: self._jitted.lower(*args).compile())
+    return self._compiled[key]
 
   def __call__(self, *args):
-    if jax.process_count() == 1:
+    if not self._compiled and jax.process_count() == 1:
       return self._jitted(*args)
-    leaves, treedef = jax.tree.flatten(args)
-    signature = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
-    compiled = self._compiled.get(signature)
-    if compiled is None:
-      compiled = self._compiled[signature] = self._jitted.lower(*args).compile()
+    key = _signature(args)
+    future = self._compiled.get(key)
+    if future is None:
+      if jax.process_count() == 1:
+        return self._jitted(*args)
+      future = self._compiled[key] = _finished(self._jitted.lower(*args).compile())
+    compiled = future.result()
+    if key not in self._started:
       barrier(f"{self._name} compiled")
+      self._started.add(key)
     return compiled(*args)

@@ -39,7 +39,7 @@ from internimage_jax.training import config as config_lib
 from internimage_jax.training.checkpoints import Checkpoints
 from internimage_jax.training.errors import Preempted, TrainingError
 from internimage_jax.training.preemption import PreemptionWatch
-from internimage_jax.training.processes import StartedTogether, everywhere
+from internimage_jax.training.processes import Program, everywhere
 from internimage_jax.training.workdir import WorkdirLock
 
 __all__ = ["Preempted", "TrainProgram", "Trainer", "TrainingError"]
@@ -111,8 +111,9 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class TrainProgram:
   """Model, optimizer, mesh, sharded state and the jitted steps of a config (no data).
 
-  ``abstract_state`` and ``batch_spec`` let a step be lowered and compiled without
-  allocating anything: ``program.train_step.lower(*program.abstract_inputs(b)).compile()``.
+  ``abstract_state`` and ``abstract_inputs`` let a step be lowered and compiled without
+  allocating anything: ``program.train_step.lower(*program.abstract_inputs(b)).compile()``,
+  or in the background: ``program.train_step.compile_ahead(*program.abstract_inputs())``.
   """
 
   def __init__(self, cfg: ConfigDict, num_classes: int, steps_per_epoch: int,
@@ -155,22 +156,25 @@ class TrainProgram:
                                                     cfg.axis_rules.to_dict())
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.rng_shardings = jax.tree.map(lambda _: self.replicated, abstract_rng)
-    self.init = jax.jit(init, out_shardings=(self.state_shardings, self.rng_shardings))
+    # Several processes start each program together (processes.py says why).
+    self.init = Program(jax.jit(init, out_shardings=(self.state_shardings, self.rng_shardings)),
+                        "init")
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, self.state_shardings)
     self.abstract_rng = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), abstract_rng)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.train_step = jax.jit(
+    self.train_step = Program(jax.jit(
         self._step, in_shardings=(self.state_shardings, self.rng_shardings,
                                   self.batch_sharding, self.batch_sharding),
-        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
-    self.eval_step = jax.jit(
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,)),
+        "train step")
+    self.eval_step = Program(jax.jit(
         self._evaluate, in_shardings=(self.state_shardings, self.rng_shardings)
-        + (self.batch_sharding,) * 4, out_shardings=self.replicated)
-    self._all_finite = StartedTogether(jax.jit(_all_finite, out_shardings=self.replicated),
-                                       "finiteness check")
+        + (self.batch_sharding,) * 4, out_shardings=self.replicated), "eval step")
+    self._all_finite = Program(jax.jit(_all_finite, out_shardings=self.replicated),
+                               "finiteness check")
 
   def all_finite(self, state) -> bool:
     """Whether every floating-point value of ``state`` is finite (checked on device)."""
@@ -346,10 +350,6 @@ class Trainer:
       raise TrainingError(f"global batch {batch} exceeds the {len(self.train_source)} "
                           "training examples")
     self.program = TrainProgram(cfg, data.num_classes, steps_per_epoch, data.mean, data.std)
-    # Several processes start each program together (processes.py says why).
-    self._init = StartedTogether(self.program.init, "init")
-    self._train_step = StartedTogether(self.program.train_step, "train step")
-    self._eval_step = StartedTogether(self.program.eval_step, "eval step")
     self.steps_per_epoch, self.total_steps = self.program.steps_per_epoch, self.program.total_steps
     size, aug = cfg.data.image_size, cfg.aug
     self.train_transform = augment.TrainTransform(
@@ -373,7 +373,7 @@ class Trainer:
         threads=self.cfg.data.threads):
       arrays = [sharding.global_batch(self.program.mesh, local[k])
                 for k in ("image", "label", "valid", "unreadable")]
-      out = self._eval_step(state, rng_state, *arrays)
+      out = self.program.eval_step(state, rng_state, *arrays)
       for k, v in out.items():
         totals[k] = totals.get(k, 0) + int(v)
     count, unreadable = totals.pop("count"), totals.pop("unreadable")
@@ -411,7 +411,7 @@ class Trainer:
     but the head, which keeps its fresh initialisation; any other mismatch is an error.
     """
     program = self.program
-    state, rng_state = self._init()
+    state, rng_state = program.init()
     if not self.cfg.init_from:
       return state, rng_state
     from internimage_jax import convert
@@ -466,6 +466,8 @@ class Trainer:
 
   def _run(self) -> dict[str, float]:
     cfg = self.cfg
+    if cfg.mode == "train":  # the step compiles while the init compiles and runs
+      self.program.train_step.compile_ahead(*self.program.abstract_inputs())
     state, rng_state = self.initial_state()
     position = None
     resumed = self._restore()  # the workdir's newest checkpoint wins over init_from
@@ -496,7 +498,7 @@ class Trainer:
     for step in range(start, self.total_steps):
       self.checkpoints.check()  # a background save that failed stops the run here
       batch = next(self._batches)
-      state, metrics = self._train_step(
+      state, metrics = self.program.train_step(
           state, rng_state, sharding.global_batch(mesh, batch["image"]),
           sharding.global_batch(mesh, batch["label"]))
       loss = float(metrics["loss"])
