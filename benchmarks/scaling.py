@@ -10,9 +10,9 @@ ahead of time and prints one JSON line: ``compiled.memory_analysis()`` per devic
 (argument, output, alias, temp and total bytes), the compile time, and the bytes
 per device of the parameters and of the whole train state.
 
-Expected for the command above (2-core AMD EPYC, jax 0.10.2, 2026-11-27): total
-17.15 GB (15.97 GiB) per device, of which 2.20 GB is the sharded state (17.43 GB in
-all), compiled in 20-30 s. docs/scaling.md has H and G over 8, 32 and 64 devices.
+Expected for the command above (2-core AMD EPYC, jax 0.10.2, 2026-12-03): total
+17.57 GB (16.37 GiB) per device, of which 2.20 GB is the sharded state (17.43 GB in
+all), compiled in 30-45 s. docs/scaling.md has H and G over 8, 32 and 64 devices.
 """
 
 from __future__ import annotations

@@ -104,26 +104,27 @@ def _official_path(root: nnx.Module, path: tuple[Any, ...]) -> str:
   return ".".join(parts)
 
 
-def _named(module: nnx.Module, kinds) -> Iterator[tuple[tuple[Any, ...], nnx.Variable, list[str]]]:
-  """``(path, variable, official names)`` of the module's variables of ``kinds``: one
-  name per block for a stacked variable."""
+def _named(module: nnx.Module, kinds
+           ) -> Iterator[tuple[tuple[Any, ...], nnx.Variable, list[str], bool]]:
+  """``(path, variable, official names, stacked)`` of the module's variables of
+  ``kinds``: a stacked variable has one name per block along its leading axis."""
   for path, node in nnx.iter_graph(module):
     if isinstance(node, kinds):
       name = _official_path(module, path)
+      stacked = "{}" in name
       yield path, node, ([name.format(j) for j in range(node.get_value().shape[0])]
-                         if "{}" in name else [name])
+                         if stacked else [name]), stacked
 
 
 def official_names(module: nnx.Module) -> dict[tuple[Any, ...], list[str]]:
   """nnx path of every parameter -> its official names (one per block if stacked)."""
-  return {path: names for path, _, names in _named(module, nnx.Param)}
+  return {path: names for path, _, names, _ in _named(module, nnx.Param)}
 
 
 def _slots(module: nnx.Module) -> dict[str, _Slot]:
   """Official name -> the variable (and block) that holds it."""
   slots = {}
-  for path, node, names in _named(module, (nnx.Param, nnx.BatchStat)):
-    stacked = len(names) > 1 or "{}" in _official_path(module, path)
+  for path, node, names, stacked in _named(module, (nnx.Param, nnx.BatchStat)):
     for j, name in enumerate(names):
       slots[name] = _Slot(node, path[-1] == "kernel", j if stacked else None)
   return slots

@@ -116,8 +116,9 @@ def test_train_state_size_does_not_grow_with_depth():
 def test_placement_by_logical_axis_rules():
   """The default rule table: channels ("embed") over fsdp, the MLP's hidden units and the
   clip projector's attention features over model (fc1 and q/k/v split their outputs, fc2
-  and the projection their inputs); the stacked axis, vectors and what a mesh axis does
-  not divide stay whole; at use, parameters are whole over the batch axes."""
+  and the projection their inputs); the stacked axis, vectors and what FSDP does not
+  divide stay whole, what tensor parallelism does not divide is an error; at use,
+  parameters are whole over the batch axes."""
   from types import SimpleNamespace
 
   from internimage_jax.models.partitioning import DEFAULT_RULES, logical_spec
@@ -130,7 +131,9 @@ def test_placement_by_logical_axis_rules():
   assert spec((64,), None) == P(None)
   assert spec((1024, 1024), "embed", "heads") == P("fsdp", "model")  # q, k, v
   assert spec((4, 64, 256), "layers", "embed", "mlp") == P(None, "fsdp", "model")
-  assert spec((7, 6), "embed", "mlp") == P(None, "model")  # 7 does not split 2 ways
+  assert spec((7, 6), "embed", "mlp") == P(None, "model")  # FSDP: 7 stays whole
+  with pytest.raises(ValueError, match=r"dimension 1 \(mlp, size 7\) cannot split 2 ways"):
+    spec((8, 7), "embed", "mlp")  # tensor parallelism must divide
   assert spec((8, 8), "embed", "embed") == P("fsdp", None)  # an axis serves once
   at_use = {**DEFAULT_RULES, "embed": None}
   assert spec((64, 256), "embed", "mlp", rules=at_use) == P(None, "model")
@@ -141,7 +144,11 @@ def test_placement_by_logical_axis_rules():
     assert len(names) == len(var.get_value().shape), path
     if path[-1] == "kernel":
       assert "embed" in names, path
+  from internimage_jax.training import config as config_lib
   from internimage_jax.training import sharding
+  cfg = config_lib.base_config()
+  cfg.axis_rules.update(embed="None", layers="model")  # as the command line sets them
+  assert config_lib.axis_rules(cfg) == {**DEFAULT_RULES, "embed": None, "layers": "model"}
   with pytest.raises(ValueError, match="unknown axis 'fdsp'"):
     sharding.make_mesh({"data": 1, "fdsp": 1})
 

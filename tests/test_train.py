@@ -50,6 +50,13 @@ def test_bad_input_is_reported_clearly(tmp_path):
                  devices=2, check=False)
   assert split.returncode != 0 and "not divisible" in split.stderr
   assert "Traceback" not in split.stderr
+  # Level 0 has one block: its stacked axis cannot split two ways (FSDP would leave an
+  # odd size whole; any other axis rule must divide).
+  odd = run_quickstart(tmp_path / "d", "--config.mesh.model=2", "--config.axis_rules.layers=model",
+                       devices=2, check=False)
+  assert odd.returncode != 0 and "Traceback" not in odd.stderr
+  assert re.search(r"levels\.0\.blocks\.\S+ of shape \(1, .*: dimension 0 \(layers, size 1\) "
+                   r"cannot split 2 ways over mesh axis 'model'", odd.stderr), odd.stderr[-2000:]
   run_quickstart(tmp_path / "c", "--config.train.epochs=0.1", "--config.checkpoint.every_steps=1")
   other = run_quickstart(tmp_path / "c", "--config.model.overrides.channels=8", check=False)
   assert other.returncode != 0 and "does not fit this config" in other.stderr

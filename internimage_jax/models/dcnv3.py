@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from internimage_jax.models.layers import Dtype, conv, gelu, layer_norm, linear
-from internimage_jax.models.partitioning import param
+from internimage_jax.models.partitioning import batch_axes, param
 from pallas_kernels.dcnv3 import dcnv3 as dcnv3_op
 
 
@@ -70,7 +70,9 @@ class DCNv3(nnx.Module):
         v, offset, mask.reshape(n, h, w, -1).astype(v.dtype), kernel_size=self.kernel_size,
         stride=1, pad=(self.kernel_size - 1) // 2, dilation=1, group=self.group,
         offset_scale=self.offset_scale, remove_center=self.remove_center,
-        implementation=self.implementation, **self._placement())
+        implementation=self.implementation,
+        **({} if self.activation_sharding is None else dict(
+            mesh=self.activation_sharding.mesh, batch_axes=batch_axes(self.activation_sharding))))
     if self.center_feature_scale:
       weight = self.center_feature_scale_proj_weight[...].astype(d.dtype)
       bias = self.center_feature_scale_proj_bias[...].astype(d.dtype)
@@ -79,10 +81,3 @@ class DCNv3(nnx.Module):
       shape = (n, h, w, self.group, self.channels // self.group)
       y = (y.reshape(shape) * (1 - alpha) + v.reshape(shape) * alpha).reshape(y.shape)
     return self.output_proj(y)
-
-  def _placement(self) -> dict:
-    sharding = self.activation_sharding
-    if sharding is None:
-      return {}
-    spec = tuple(sharding.spec)
-    return dict(mesh=sharding.mesh, batch_axes=() if not spec or spec[0] is None else spec[0])

@@ -8,7 +8,6 @@ state dict maps one to one.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx

@@ -209,12 +209,9 @@ class CrossAttention(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads = num_heads
     # Tensor parallelism splits the attention features ("heads") of q, k, v and proj.
-    self.q = linear(dim, dim, axes=("embed", "heads"), use_bias=False, **kw)
-    self.k = linear(dim, dim, axes=("embed", "heads"), use_bias=False, **kw)
-    self.v = linear(dim, dim, axes=("embed", "heads"), use_bias=False, **kw)
-    self.q_bias = param(jnp.zeros((dim,), param_dtype), "heads")
-    self.k_bias = param(jnp.zeros((dim,), param_dtype), "heads")
-    self.v_bias = param(jnp.zeros((dim,), param_dtype), "heads")
+    for name in ("q", "k", "v"):
+      setattr(self, name, linear(dim, dim, axes=("embed", "heads"), use_bias=False, **kw))
+      setattr(self, f"{name}_bias", param(jnp.zeros((dim,), param_dtype), "heads"))
     self.proj = linear(dim, out_dim, axes=("heads", "embed"), **kw)
 
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -322,13 +319,10 @@ class InternImage(nnx.Module):
         raise ValueError(f"InternImage: {message}")
 
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.channels, self.depths, self.groups = channels, depths, groups
-    self.in_chans = in_chans
-    self.remat = remat
+    self.channels, self.depths, self.groups, self.in_chans = channels, depths, groups, in_chans
+    self.remat, self.num_classes, self.num_features = remat, num_classes, channels * 8
     self.placement = placement = Placement.of(activation_sharding, axis_rules)
-    self.num_classes = num_classes
     self.use_clip_projector = use_clip_projector
-    self.num_features = channels * 8
 
     self.patch_embed = Stem(in_chans, channels, **kw)
     self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)

@@ -17,12 +17,18 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.dcnv3.sharding import entry_axes
+
 # Channels over "fsdp"; the MLP and the clip projector's attention Megatron style over
 # "model" (their hidden activations stay split between a pair of linears, one all-reduce
 # joins each pair's output). Vectors are never split over "fsdp": they are small, and a
 # channel-split scale invites XLA to split the activations by channel too.
 DEFAULT_RULES: dict[str, str | None] = {"layers": None, "embed": "fsdp", "mlp": "model",
                                         "heads": "model"}
+# Mesh axes that split a dimension only where they divide it: FSDP stores parameters
+# split and gathers them for use, so an odd size just stays whole. Any other axis
+# (tensor parallelism) decides how the computation is split, so it must divide.
+WHERE_DIVISIBLE = ("data", "fsdp")
 # How nnx.vmap names the axis it stacks a level's blocks along.
 LAYERS = {nnx.PARTITION_NAME: "layers"}
 
@@ -53,13 +59,18 @@ def stacked_dims(variable: nnx.Variable) -> int:
 def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: jax.sharding.Mesh,
                  rules: Mapping[str, str | None]) -> P:
   """Mesh axes of a value whose dimensions are ``names``: each name's rule, where the
-  mesh has that axis (larger than 1), no earlier dimension took it, and it divides the
-  dimension; otherwise the dimension stays whole."""
+  mesh has that axis (larger than 1) and no earlier dimension took it. An axis of
+  ``WHERE_DIVISIBLE`` that does not divide the dimension leaves it whole; any other
+  raises ``ValueError``."""
   spec: list[str | None] = []
-  for name, size in zip(names, shape):
+  for dim, (name, size) in enumerate(zip(names, shape)):
     axis = rules.get(name) if name else None
     ways = mesh.shape.get(axis, 1) if axis else 1
-    spec.append(axis if ways > 1 and axis not in spec and size % ways == 0 else None)
+    usable = ways > 1 and axis not in spec
+    if usable and size % ways and axis not in WHERE_DIVISIBLE:
+      raise ValueError(f"dimension {dim} ({name}, size {size}) cannot split {ways} ways over "
+                       f"mesh axis {axis!r}")
+    spec.append(axis if usable and size % ways == 0 else None)
   return P(*spec)
 
 
@@ -76,6 +87,11 @@ def gather_param(x: jax.Array, full: NamedSharding, split: NamedSharding) -> jax
   gather.defvjp(lambda x: (gather(x), None),
                 lambda _, g: (jax.lax.with_sharding_constraint(g, split),))
   return gather(x)
+
+
+def batch_axes(activations: NamedSharding) -> tuple[str, ...]:
+  """The mesh axes that an activation sharding splits the batch (leading) dimension over."""
+  return entry_axes(activations.spec[0] if activations.spec else None)
 
 
 def is_variable(x: Any) -> bool:
@@ -113,9 +129,7 @@ class Placement:
     if self.activations is None:
       return state
     mesh, rules = self.activations.mesh, dict(self.rules)
-    batch = self.activations.spec[0] if self.activations.spec else None
-    batch = set(batch if isinstance(batch, tuple) else (batch,))
-    at_use = {k: v for k, v in rules.items() if v not in batch}
+    at_use = {k: v for k, v in rules.items() if v not in batch_axes(self.activations)}
 
     def one(v: nnx.Variable) -> nnx.Variable:
       full, split = variable_sharding(v, mesh, at_use), variable_sharding(v, mesh, rules)

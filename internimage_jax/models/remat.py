@@ -1,5 +1,5 @@
-"""Rematerialisation that holds on XLA:CPU as well as on accelerators: the recomputation
-of a call or of a scan's steps happens in the backward pass, not next to the forward."""
+"""Rematerialisation that holds on XLA:CPU too: a call's or a scan step's recomputation
+happens in the backward pass, not next to the forward."""
 
 from __future__ import annotations
 
@@ -17,13 +17,9 @@ def _is_float(x) -> bool:
 
 def late_remat(fn):
   """``jax.checkpoint(fn)`` (only the inputs are kept for the backward pass) whose
-  recomputation cannot start before the output's cotangent exists.
-
-  With plain ``jax.checkpoint`` XLA (on CPU at least) schedules recomputations early,
-  often right after the forward, so all of them are alive together and the saving is
-  lost. Here the backward pass recomputes from the outputs of one
-  ``optimization_barrier`` over the inputs and the cotangent.
-  """
+  recomputation cannot start before the output's cotangent exists. Plain
+  ``jax.checkpoint`` lets XLA (on CPU at least) schedule recomputations early, all alive
+  together, and the saving is lost."""
 
   @jax.custom_vjp
   def wrapped(*args):
@@ -31,9 +27,8 @@ def late_remat(fn):
 
   def fwd(*args):
     # The small inputs (parameters) pass through a select on the largest (the
-    # activation): what is computed from parameters alone (e.g. a LayerNorm scale
-    # broadcast to the activation's shape) can then not be hoisted to the start of
-    # the program and kept alive until the pass reaches this call.
+    # activation), so that nothing computed from parameters alone (a broadcast norm
+    # scale) is hoisted to the start of the program and kept alive until this call.
     leaves, treedef = jax.tree.flatten(args)
     floats = [i for i, x in enumerate(leaves) if _is_float(x) and x.size]
     if len(floats) > 1:
@@ -50,10 +45,9 @@ def late_remat(fn):
     leaves, treedef = jax.tree.flatten((args, cotangent))
     tied = [i for i, x in enumerate(leaves) if _is_float(x)]
     barred = jax.lax.optimization_barrier([leaves[i] for i in tied])
-    # XLA:CPU drops optimization barriers before common-subexpression elimination,
-    # which then merges the recomputation back into the forward pass (jax.checkpoint
-    # saves nothing there). A select on a predicate that is always false but depends
-    # on the cotangent makes the recomputation's inputs new values, later in time.
+    # XLA:CPU drops optimization barriers before CSE, which would merge the
+    # recomputation back into the forward pass. A select on an always-false predicate
+    # of the cotangent makes the recomputation's inputs new values, later in time.
     gates = [x for x in jax.tree.leaves(cotangent) if _is_float(x) and x.size]
     if gates:
       false = never(*gates)
@@ -69,15 +63,12 @@ def late_remat(fn):
 
 
 def scan_remat(f, x: jax.Array, xs):
-  """``jax.lax.scan(f, x, xs)`` that keeps only each step's input carry for the
-  backward pass, which recomputes one step at a time (a rematerialised scan).
-
-  ``f(x, xs_i) -> (x, ys_i)``; gradients flow to ``x`` and the floating-point leaves
-  of ``xs``, not to the ``ys`` (here: RNG counts). Unlike ``scan(checkpoint(f))``, whose
-  stacked residuals XLA:CPU allocates at the start of the program (zero-filled
-  broadcasts that depend on nothing), the stack of carries is made from the carry
-  itself, so it exists only from the scan on.
-  """
+  """``jax.lax.scan(f, x, xs)`` keeping only each step's input carry for the backward
+  pass, which recomputes one step at a time. ``f(x, xs_i) -> (x, ys_i)``; gradients
+  flow to ``x`` and the floating-point leaves of ``xs``, not to the ``ys`` (RNG counts).
+  Unlike ``scan(checkpoint(f))``, whose residual stacks XLA:CPU allocates at the start
+  of the program, the stack of carries is made from the carry, so it exists only from
+  the scan on."""
   leaves, treedef = jax.tree.flatten(xs)
   floating = [_is_float(leaf) for leaf in leaves]
 
@@ -124,11 +115,10 @@ def scan_remat(f, x: jax.Array, xs):
 
 
 def remat_call(fn, module, *args, remat: bool = True, params=None):
-  """``fn(module, *args)`` under :func:`late_remat` (or, with ``remat=False``, as is);
-  the module's non-parameter state (RNG counts, batch statistics) is updated as if
-  called directly. ``module`` may be a tuple of modules (or ``None`` entries): only
-  their parameters are inputs. ``params(state) -> state`` maps the parameters before
-  use (e.g. ``Placement.gather``), on a copy of the module."""
+  """``fn(module, *args)`` under :func:`late_remat` (as is with ``remat=False``), the
+  module's other state (RNG counts, batch statistics) updated as by a direct call.
+  ``module`` may be a tuple of modules or ``None``; ``params(state) -> state`` maps the
+  parameters before use (e.g. ``Placement.gather``), on a copy of the module."""
   graphdef, state = nnx.split(module)
 
   def pure(state, *args):

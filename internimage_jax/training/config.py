@@ -12,6 +12,7 @@ import difflib
 import inspect
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 from internimage_jax.models.partitioning import DEFAULT_RULES
 from pallas_kernels.dcnv3.api import IMPLEMENTATIONS
@@ -71,8 +72,11 @@ def base_config() -> ConfigDict:
   cfg.mesh = ConfigDict(dict(data=-1, fsdp=1, model=1))
   # Parameter placement: logical axis (models/partitioning.py) -> mesh axis or None
   # (whole). The default splits channels over fsdp and the MLP and attention features
-  # over model; e.g. embed=None keeps the parameters whole on every device.
-  cfg.axis_rules = ConfigDict(dict(DEFAULT_RULES))
+  # over model; e.g. embed=None keeps the parameters whole on every device. Every rule
+  # is a string field, so the command line can set it (--config.axis_rules.layers=model,
+  # --config.axis_rules.embed=None); axis_rules() reads "None" as None.
+  cfg.axis_rules = ConfigDict({name: placeholder(str) if axis is None else axis
+                               for name, axis in DEFAULT_RULES.items()})
   cfg.checkpoint = ConfigDict(dict(every_steps=0, keep=3))  # 0 = once per epoch
   cfg.log_every_steps = 50
   cfg.eval_every_steps = 0  # 0 = once per epoch
@@ -134,6 +138,12 @@ def _model_options() -> list[str]:
           if p not in set_by_trainer]
 
 
+def axis_rules(cfg: ConfigDict) -> dict[str, str | None]:
+  """``config.axis_rules`` as the model takes it ("None" from the command line is None)."""
+  return {name: None if axis in (None, "None") else axis
+          for name, axis in cfg.axis_rules.to_dict().items()}
+
+
 def validate(cfg: ConfigDict) -> None:
   """Raises ``ValueError`` naming every key the schema does not know and bad values."""
   unknown = _unknown(cfg, base_config())
@@ -144,7 +154,7 @@ def validate(cfg: ConfigDict) -> None:
   if cfg.model.remat not in ("none", "block", "dots"):
     raise ValueError(f"config.model.remat must be 'none', 'block' or 'dots', got "
                      f"{cfg.model.remat!r}")
-  for name, axis in cfg.axis_rules.items():
+  for name, axis in axis_rules(cfg).items():
     if axis not in (None, "data", "fsdp", "model"):
       raise ValueError(f"config.axis_rules.{name} must be a mesh axis (data, fsdp, model) or "
                        f"None, got {axis!r}")

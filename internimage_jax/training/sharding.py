@@ -53,14 +53,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def state_shardings(abstract_state, mesh: Mesh, rules: Mapping[str, str | None]):
   """NamedShardings for a train state (parameters, optimizer moments, EMA: Variables
-  that name their dimensions) by the logical axis ``rules``; the rest is replicated."""
+  that name their dimensions) by the logical axis ``rules``; the rest is replicated.
+  A parameter that a rule cannot split raises ``ValueError`` naming it."""
 
-  def place(x) -> NamedSharding:
-    if is_variable(x):
+  def place(path, x) -> NamedSharding:
+    if not is_variable(x):
+      return NamedSharding(mesh, P())
+    try:
       return x.replace(variable_sharding(x, mesh, rules))
-    return NamedSharding(mesh, P())
+    except ValueError as e:
+      name = jax.tree_util.keystr(path, simple=True, separator=".")
+      raise ValueError(f"{name} of shape {tuple(x.get_value().shape)}: {e}") from None
 
-  return jax.tree.map(place, abstract_state, is_leaf=is_variable)
+  return jax.tree_util.tree_map_with_path(place, abstract_state, is_leaf=is_variable)
 
 
 def global_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:

@@ -152,8 +152,12 @@ class TrainProgram:
 
     # Shapes first, then the sharded init: nothing is allocated unsharded.
     abstract_state, abstract_rng = jax.eval_shape(init)  # options: config.validate
-    self.state_shardings = sharding.state_shardings(abstract_state, self.mesh,
-                                                    cfg.axis_rules.to_dict())
+    try:
+      self.state_shardings = sharding.state_shardings(abstract_state, self.mesh,
+                                                      config_lib.axis_rules(cfg))
+    except ValueError as e:
+      raise TrainingError(f"config.mesh {dict(self.mesh.shape)} and config.axis_rules: "
+                          f"{e}") from None
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.rng_shardings = jax.tree.map(lambda _: self.replicated, abstract_rng)
     # Several processes start each program together (processes.py says why).
@@ -186,7 +190,7 @@ class TrainProgram:
                          rngs=nnx.Rngs(cfg.seed if seed is None else seed),
                          dtype=COMPUTE_DTYPES[cfg.train.compute_dtype],
                          activation_sharding=sharding.batch_sharding(self.mesh),
-                         axis_rules=cfg.axis_rules.to_dict(),
+                         axis_rules=config_lib.axis_rules(cfg),
                          remat=cfg.model.remat, implementation=cfg.model.implementation,
                          **cfg.model.overrides.to_dict())
 

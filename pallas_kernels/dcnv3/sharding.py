@@ -59,7 +59,7 @@ class Placement:
     return P(entry(self.batch_axes), None, None, entry(self.group_axes))
 
 
-def _axes_of(entry) -> tuple[str, ...]:
+def entry_axes(entry) -> tuple[str, ...]:
   """A PartitionSpec entry as a tuple of axis names."""
   if entry is None or entry is P.UNCONSTRAINED:
     return ()
@@ -70,7 +70,7 @@ def _typed_spec(array: jax.Array) -> P | None:
   """The partition spec in ``array``'s type (Explicit axes), if any."""
   sharding = getattr(jax.typeof(array), "sharding", None)
   spec = getattr(sharding, "spec", None)
-  if spec is None or not any(_axes_of(e) for e in spec):
+  if spec is None or not any(entry_axes(e) for e in spec):
     return None
   return spec
 
@@ -109,13 +109,13 @@ def placement(
                          "shard_map): the operands are per-device on it")
   elif typed is not None:
     for dim in (1, 2):
-      for name in _axes_of(typed[dim]):
+      for name in entry_axes(typed[dim]):
         raise ValueError(
             f"dcnv3: x is sharded over mesh axis {name!r} along its {_DIM_NAMES[dim]}; the "
             "operator samples anywhere in the image (learned offsets), so split the batch "
             "or the channels (whole groups) instead")
-    axes = _axes_of(typed[0])
-    group_axes = _axes_of(typed[3])
+    axes = entry_axes(typed[0])
+    group_axes = entry_axes(typed[3])
   else:
     axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
                  if kind == AxisType.Auto and mesh.shape[name] > 1)
