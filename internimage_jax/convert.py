@@ -1,4 +1,5 @@
-"""Official PyTorch weights <-> Flax NNX InternImage.
+"""Official PyTorch weights <-> Flax NNX InternImage (and the mmseg UperNet segmentor:
+``backbone.*``, ``decode_head.*``, ``auxiliary_head.*``).
 
 Names follow the official ``state_dict`` (spec section 5). ``OFFICIAL_NAMES`` says how
 each module's children are named there, so the same mapping serves a whole network or
@@ -35,6 +36,7 @@ from flax import nnx
 from internimage_jax.models.dcnv3 import DCNv3
 from internimage_jax.models.internimage import (
     AttentionPooling, Block, Downsample, InternImage, Level, Stem)
+from internimage_jax.models.segmentation.heads import PoolingBranch
 from internimage_jax.training.errors import describe, first_line
 
 # Each module's children -> their official path relative to it. "{}" is the index along
@@ -49,6 +51,8 @@ OFFICIAL_NAMES: dict[type, dict[str, str]] = {
     AttentionPooling: {"norm1_q": "norm1_q.0", "norm1_k": "norm1_k.0", "norm1_v": "norm1_v.0"},
     InternImage: {"conv_head": "conv_head.0", "head_norm": "conv_head.1.0",
                   "dcnv3_head_x4": "dcnv3_head_x4.0", "fc_norm": "fc_norm.0"},
+    # mmseg's PPM branch is Sequential(AdaptiveAvgPool2d, ConvModule).
+    PoolingBranch: {"conv_module": "1"},
 }
 
 # Leaf names of flax's own layers -> the PyTorch parameter name.
@@ -130,6 +134,12 @@ def _slots(module: nnx.Module) -> dict[str, _Slot]:
   return slots
 
 
+def state_dict_keys(module: nnx.Module) -> list[str]:
+  """The official keys ``to_state_dict(module)`` would give (parameters and BatchNorm
+  statistics), sorted; works on an abstract module from ``nnx.eval_shape``."""
+  return sorted(_slots(module))
+
+
 def _to_torch_layout(value: np.ndarray, is_kernel: bool) -> np.ndarray:
   if not is_kernel:
     return value
@@ -180,13 +190,17 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], strict: b
                     ) -> LoadReport:
   """Copies an official-layout state dict into ``module`` in place.
 
-  ``module`` is a whole ``InternImage`` or any submodule (e.g. one ``DCNv3``) with keys
-  relative to it. Strict (the default) raises :class:`CheckpointMismatchError` listing
-  every missing, unexpected and shape-mismatched key; otherwise matching entries are
-  loaded and the rest reported. Values are cast to each variable's dtype.
+  ``module`` is a whole ``InternImage``, a ``Segmentor`` (mmseg's ``backbone.*``,
+  ``decode_head.*``, ``auxiliary_head.*``), or any submodule (e.g. one ``DCNv3`` or a
+  decode head) with keys relative to it; a dict wrapping the weights as checkpoint files
+  do (``{"state_dict": ..., "meta": ...}``, ``{"model": ...}``) is unwrapped. BatchNorm's
+  ``num_batches_tracked`` may be absent. Strict (the default) raises
+  :class:`CheckpointMismatchError` listing every missing, unexpected and shape-mismatched
+  key; otherwise matching entries are loaded and the rest reported. Values are cast to
+  each variable's dtype.
   """
   slots = _slots(module)
-  sd = normalize_state_dict(state_dict, set(slots))
+  sd = normalize_state_dict(_strip_wrappers(state_dict), set(slots))
   missing = sorted(k for k in slots if k not in sd and not k.endswith(_OPTIONAL_SUFFIXES))
   unexpected = sorted(k for k in sd if k not in slots)
   mismatched = []
@@ -232,17 +246,25 @@ def to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
   return out
 
 
+def _strip_wrappers(obj: Any) -> Any:
+  """The weights inside ``{"model": ...}``, ``{"state_dict": ..., "meta": ...}`` (mmcv,
+  mmseg) or ``{"module": ...}``; a plain state dict is returned as it is (its values are
+  arrays, never dicts)."""
+  while isinstance(obj, Mapping):
+    wrapper = next((k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+    if wrapper is None:
+      break
+    obj = obj[wrapper]
+  return obj
+
+
 def _unwrap(obj: Any, use_ema: bool, path: Path) -> Mapping[str, Any]:
   if use_ema:
     if not (isinstance(obj, Mapping) and "model_ema" in obj):
       keys = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
       raise CheckpointMismatchError(f"{path}: use_ema=True but no 'model_ema' entry (has {keys})")
     obj = obj["model_ema"]
-  while isinstance(obj, Mapping):
-    wrapper = next((k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-    if wrapper is None:
-      break
-    obj = obj[wrapper]
+  obj = _strip_wrappers(obj)
   if not isinstance(obj, Mapping):
     raise CheckpointMismatchError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
   return obj

@@ -29,6 +29,13 @@ PARAM_COUNTS = {
     "internimage_h": 1_089_636_760, "internimage_g": 3_076_373_352,
 }
 
+# Small networks of the golden files' shapes: mini T (model_mini_t) and every H/G option
+# (model_mini_h; the clip head needs inputs that are multiples of 32).
+MINI_T = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
+MINI_H = dict(channels=16, depths=(1, 1, 6, 1), groups=(2, 4, 8, 16), dw_kernel_size=5,
+              res_post_norm=True, level2_post_norm=True, level2_post_norm_block_ids=(2, 5),
+              center_feature_scale=True, use_clip_projector=True)
+
 TOL_X64 = 1e-5
 TOL_OP_F32 = 1e-4
 TOL_NET_F32 = 2e-4

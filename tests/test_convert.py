@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import TOL_NET_F32, assert_rel_close, load_golden, params_of, require_golden
+from helpers import (MINI_H, MINI_T, TOL_NET_F32, assert_rel_close, load_golden, params_of,
+                     require_golden)
 from internimage_jax import convert, models
 
 REPO = Path(__file__).resolve().parents[1]
-MINI_T = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
 MINI_S = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))  # S options: post-norm + layer scale
 
 
@@ -80,7 +80,6 @@ def test_command_line_reports_errors_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("case", ["model_mini_t", "model_mini_h"])
 def test_round_trip_is_exact(case):
-  from test_models import MINI_H
   official = params_of(load_golden(case))
   options = MINI_T if case == "model_mini_t" else MINI_H
   model = models.create("internimage_t", num_classes=10, **options)
@@ -303,7 +302,6 @@ def test_official_layout_of_every_variant(name):
 def test_stacked_round_trip_and_partial_loads(tmp_path):
   """A level's stacked blocks: exported one per block and loaded back exactly into a
   model of another seed; a non-strict load of some blocks keeps the others."""
-  from test_models import MINI_H
   source = models.create("internimage_t", num_classes=10, rngs=nnx.Rngs(1), **MINI_H)
   exported = convert.to_state_dict(source)
   target = models.create("internimage_t", num_classes=10, rngs=nnx.Rngs(2), **MINI_H)

@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import (assert_rel_close, golden_cases, golden_index, golden_tol, load_golden,
-                     params_of, precision)
+from helpers import (MINI_H, MINI_T, assert_rel_close, golden_cases, golden_index, golden_tol,
+                     load_golden, params_of, precision)
 from internimage_jax import convert, models
 
 DTYPES = [np.float32, np.float64]
-MINI_T = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
-# Every H/G option on a small network (clip head needs a multiple of 32 input).
-MINI_H = dict(channels=16, depths=(1, 1, 6, 1), groups=(2, 4, 8, 16), dw_kernel_size=5,
-              res_post_norm=True, level2_post_norm=True, level2_post_norm_block_ids=(2, 5),
-              center_feature_scale=True, use_clip_projector=True)
 
 
 

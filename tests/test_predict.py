@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import require_golden
+from helpers import MINI_T, require_golden
 from internimage_jax import predict
 
 REPO = Path(__file__).resolve().parents[1]
-MINI_T = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
 
 
 def test_imagenet_class_names_ship_with_the_package():

@@ -271,7 +271,8 @@ class InternImage(nnx.Module):
   """InternImage on NHWC images; ``forward_features`` gives the four level outputs.
 
   A new model is in evaluation mode; ``model.train()`` turns on drop path, dropout
-  and batch statistics, ``model.eval()`` turns them off again.
+  and batch statistics, ``model.eval()`` turns them off again. ``features_only``: no
+  classification head (the backbone of the segmentation and detection systems).
 
   Training options. ``remat`` (``REMAT``) is what the backward pass keeps: "block"
   only each block's input, recomputing each residual branch on its own; "dots" the
@@ -289,7 +290,7 @@ class InternImage(nnx.Module):
       use_clip_projector: bool = False, level2_post_norm: bool = False,
       level2_post_norm_block_ids: Sequence[int] | None = None, res_post_norm: bool = False,
       center_feature_scale: bool = False, remove_center: bool = False, in_chans: int = 3,
-      implementation: str = "auto", remat: str = "none",
+      features_only: bool = False, implementation: str = "auto", remat: str = "none",
       activation_sharding: jax.sharding.NamedSharding | None = None,
       axis_rules: dict[str, str | None] | None = None, dtype: Dtype = None,
       param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
@@ -313,7 +314,10 @@ class InternImage(nnx.Module):
          f"for level 2 depth {depths[2]}"),
         (not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0,
          f"drop_rate and drop_path_rate must be in [0, 1), got {drop_rate}, {drop_path_rate}"),
-        (num_classes < 0, f"num_classes must be >= 0, got {num_classes}")]
+        (num_classes < 0, f"num_classes must be >= 0, got {num_classes}"),
+        (features_only and (num_classes or use_clip_projector),
+         "features_only has no classification head: num_classes must be 0 and "
+         "use_clip_projector False")]
     for bad, message in problems:
       if bad:
         raise ValueError(f"InternImage: {message}")
@@ -322,7 +326,7 @@ class InternImage(nnx.Module):
     self.channels, self.depths, self.groups, self.in_chans = channels, depths, groups, in_chans
     self.remat, self.num_classes, self.num_features = remat, num_classes, channels * 8
     self.placement = placement = Placement.of(activation_sharding, axis_rules)
-    self.use_clip_projector = use_clip_projector
+    self.use_clip_projector, self.features_only = use_clip_projector, features_only
 
     self.patch_embed = Stem(in_chans, channels, **kw)
     self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
@@ -340,7 +344,9 @@ class InternImage(nnx.Module):
             implementation=implementation, remat=remat, placement=placement, **kw)
         for i in range(4)])
 
-    if not use_clip_projector:
+    if features_only:  # a dense-prediction backbone: the four level maps only
+      self.head = None
+    elif not use_clip_projector:
       hidden = int(self.num_features * cls_scale)
       self.conv_head = conv(self.num_features, hidden, 1, use_bias=False, **kw)
       self.head_norm = BatchNorm2d(hidden, dtype=dtype, param_dtype=param_dtype)
@@ -351,7 +357,8 @@ class InternImage(nnx.Module):
       self.clip_projector = AttentionPooling(CLIP_PRETRAIN_DIM, CLIP_HEADS, CLIP_EMBED_DIM, **kw)
       self.fc_norm = layer_norm(CLIP_EMBED_DIM, **kw)
       head_in = CLIP_EMBED_DIM
-    self.head = linear(head_in, num_classes, **kw) if num_classes > 0 else None
+    if not features_only:
+      self.head = linear(head_in, num_classes, **kw) if num_classes > 0 else None
     # Start in evaluation mode, as published weights are mostly used for inference;
     # training code calls model.train() (drop path, dropout, batch statistics).
     self.eval()
@@ -384,6 +391,9 @@ class InternImage(nnx.Module):
 
   def pre_logits(self, x: jax.Array) -> jax.Array:
     """The pooled embedding that the classifier ``head`` reads."""
+    if self.features_only:
+      raise ValueError("InternImage: a features_only backbone has no classification head; "
+                       "use forward_features")
     features = self.forward_features(x)
     if not self.use_clip_projector:
       head = (self.conv_head, self.head_norm)
@@ -394,8 +404,11 @@ class InternImage(nnx.Module):
     return remat_call(pool, head, *inputs, remat=self.remat == "block",
                       params=self.placement.gather)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Logits ``[N, num_classes]`` (the pooled embedding when ``num_classes == 0``)."""
+  def __call__(self, x: jax.Array) -> jax.Array | list[jax.Array]:
+    """Logits ``[N, num_classes]`` (the pooled embedding when ``num_classes == 0``; the
+    four level maps when ``features_only``)."""
+    if self.features_only:
+      return self.forward_features(x)
     y = self.pre_logits(x)
     if self.head is None:
       return y

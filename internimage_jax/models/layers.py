@@ -124,15 +124,19 @@ def linear(din: int, dout: int, *, axes: tuple[str | None, str | None] = ("embed
 
 
 def conv(din: int, dout: int, kernel: int, *, stride: int = 1, groups: int = 1,
-         use_bias: bool = True, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  """A square convolution with PyTorch's padding ``(k-1)//2`` and default init (its
-  output channels the ``embed`` dimension)."""
-  pad = (kernel - 1) // 2
+         dilation: int = 1, padding: int | None = None, use_bias: bool = True,
+         kernel_init: nnx.Initializer | None = None, bias_init: nnx.Initializer | None = None,
+         dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.Conv:
+  """A square convolution with zero padding (default ``(k-1)//2 * dilation``, PyTorch's
+  "same" for odd kernels) and PyTorch's default init unless ``kernel_init``/``bias_init``
+  are given (its output channels the ``embed`` dimension)."""
+  pad = (kernel - 1) // 2 * dilation if padding is None else padding
   return nnx.Conv(
       din, dout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-      feature_group_count=groups, use_bias=use_bias,
-      kernel_init=with_axes(torch_conv_kernel_init, None, None, None, "embed"),
-      bias_init=with_axes(torch_conv_bias_init(din // groups * kernel * kernel), None),
+      kernel_dilation=dilation, feature_group_count=groups, use_bias=use_bias,
+      kernel_init=with_axes(kernel_init or torch_conv_kernel_init, None, None, None, "embed"),
+      bias_init=with_axes(bias_init or torch_conv_bias_init(din // groups * kernel * kernel),
+                          None),
       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
