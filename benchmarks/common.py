@@ -8,12 +8,15 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 # glibc otherwise raises its mmap threshold after large frees and keeps freed blocks
 # in the heap, so RSS would not fall back; a fixed threshold makes every large buffer
 # an mmap that is returned on free, and RSS then tracks live memory. Set before the
 # allocators start: benchmark workers are started with this environment.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def rss_bytes() -> int:
@@ -59,22 +62,87 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
   return statistics.median(times)
 
 
+# Classes of the synthetic batches: ImageNet-1K, and ADE20K for the UperNet recipes.
+NUM_CLASSES = {"classification": 1000, "segmentation": 150}
+SEGMENTOR_PREFIX = "upernet_internimage_"
+
+
+def segmentation_recipe(model: str):
+  """The ADE20K recipe of ``model`` (``upernet_internimage_<size>``): ``get_config()``
+  of ``configs/upernet_internimage_<size>_*_ade20k.py``, the one home of each size's lr,
+  layer decay and gradient clipping."""
+  import importlib.util
+
+  found = sorted(CONFIGS.glob(f"{model}_*_ade20k.py"))
+  if len(found) != 1:
+    raise SystemExit(f"{model}: expected one configs/{model}_*_ade20k.py, found "
+                     f"{[p.name for p in found]}")
+  spec = importlib.util.spec_from_file_location(found[0].stem, found[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def train_config(model: str, image_size: int, global_batch: int, mesh: str, remat: str,
-                 compute_dtype: str, accum_steps: int = 1, ema: bool = True,
+                 compute_dtype: str, accum_steps: int = 1, ema: bool | None = None,
                  options: dict | None = None):
-  """The config of ``train.py`` for a model and step shape (no data, nothing built)."""
+  """The config of ``train.py`` for a model and step shape (no data, nothing built):
+  ``internimage_*`` the ImageNet recipe, ``upernet_internimage_*`` the ADE20K one
+  (``segmentation_recipe``) with crop ``image_size``. ``ema`` None: the recipe's (on for ImageNet, off for ADE20K);
+  ``options`` override the backbone's constructor options, and for a segmentor its
+  entries ``decode_head`` / ``auxiliary_head`` (dicts) the heads' (small tests)."""
   from internimage_jax.training.config import base_config
 
-  cfg = base_config()
-  cfg.model.name = model
+  if model.startswith(SEGMENTOR_PREFIX):
+    cfg = segmentation_recipe(model)
+  else:
+    cfg = base_config()
+    cfg.model.name = model
   cfg.model.remat = remat
-  cfg.model.overrides.update(options or {})
+  options = dict(options or {})
+  for head in ("decode_head", "auxiliary_head"):
+    if head in options:
+      if cfg.task != "segmentation":
+        raise SystemExit(f"--options {head}: only a segmentor has one")
+      cfg.model[head].update(options.pop(head))
+  cfg.model.overrides.update(options)
+  # The crop of a segmentation recipe: the train step's batch shape. The host-side
+  # resize and evaluation sizes (config.aug, config.eval) keep the recipe's values:
+  # no step measured here reads them.
   cfg.data.image_size = image_size
   cfg.train.update(global_batch=global_batch, accum_steps=accum_steps,
-                   compute_dtype=compute_dtype, ema_decay=0.9999 if ema else 0.0)
+                   compute_dtype=compute_dtype)
+  if ema is not None:
+    cfg.train.ema_decay = 0.9999 if ema else 0.0
   cfg.mesh = type(cfg.mesh)({k: int(v) for k, v in
                              (item.split("=") for item in mesh.split(","))})
   return cfg
+
+
+def synthetic_batch(program, batch: int, seed: int = 0) -> dict:
+  """A global training batch of ``program.task.batch_shapes``, made on the devices in
+  the program's batch sharding: random uint8 images, labels random in
+  ``[0, num_classes)``, valid sizes the full image."""
+  import jax
+  import jax.numpy as jnp
+
+  shapes = program.task.batch_shapes(batch, train=True)
+
+  def make(key):
+    out = {}
+    for (name, (shape, dtype)), k in zip(shapes.items(), jax.random.split(key, len(shapes))):
+      if name == "image":
+        value = jax.random.randint(k, shape, 0, 256)
+      elif name == "label":
+        value = jax.random.randint(k, shape, 0, program.num_classes)
+      elif name == "size":  # (h, w) of the valid region: the whole image
+        value = jnp.broadcast_to(jnp.array(shapes["image"][0][1:3]), shape)
+      else:
+        raise ValueError(f"synthetic_batch: no rule for batch entry {name!r}")
+      out[name] = value.astype(dtype)
+    return out
+
+  return jax.jit(make, out_shardings=program.batch_sharding)(jax.random.key(seed))
 
 
 def tree_bytes(tree, per_device: bool = False) -> int:

@@ -3,12 +3,15 @@ abstract shapes only (nothing of the model is allocated).
 
     python benchmarks/scaling.py --model internimage_h --image-size 640 \\
         --per-device-batch 16 --devices 8 --mesh data=1,fsdp=8 --remat block
+    python benchmarks/scaling.py --model upernet_internimage_h --image-size 896 \\
+        --per-device-batch 2 --devices 8 --mesh data=1,fsdp=8 --remat block
 
 Builds the training program of ``train.py`` (augmentation, forward, backward, AdamW
 with clipping and LR groups, EMA) for ``--devices`` fake CPU devices, compiles it
 ahead of time and prints one JSON line: ``compiled.memory_analysis()`` per device
 (argument, output, alias, temp and total bytes), the compile time, and the bytes
-per device of the parameters and of the whole train state.
+per device of the parameters and of the whole train state. An ``upernet_internimage_*``
+model is the ADE20K recipe of its size (150 classes, crop ``--image-size``, no EMA).
 
 Expected for the command above (2-core AMD EPYC, jax 0.10.2, 2026-12-03): total
 17.57 GB (16.37 GiB) per device, of which 2.20 GB is the sharded state (17.43 GB in
@@ -35,7 +38,8 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--remat", default="none", choices=["none", "block", "dots"])
   parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--accum-steps", type=int, default=1)
-  parser.add_argument("--no-ema", action="store_true", help="without the EMA copy")
+  parser.add_argument("--no-ema", action="store_true",
+                      help="without the EMA copy (the segmentation recipes have none)")
   parser.add_argument("--options", default="{}", help="JSON overrides of the variant")
   parser.add_argument("--init", action="store_true",
                       help="compile the step and the sharded init together, as train.py does: "
@@ -51,14 +55,14 @@ def main() -> None:
                              + f" --xla_force_host_platform_device_count={args.devices}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  from benchmarks.common import machine, memory_report, train_config, tree_bytes
+  from benchmarks.common import NUM_CLASSES, machine, memory_report, train_config, tree_bytes
   from internimage_jax.training.trainer import TrainProgram
 
   cfg = train_config(args.model, args.image_size, args.per_device_batch * args.devices,
                      args.mesh, args.remat, args.compute_dtype, args.accum_steps,
-                     ema=not args.no_ema, options=json.loads(args.options))
+                     ema=False if args.no_ema else None, options=json.loads(args.options))
   start = time.perf_counter()
-  program = TrainProgram(cfg, num_classes=1000, steps_per_epoch=1000)
+  program = TrainProgram(cfg, num_classes=NUM_CLASSES[cfg.task], steps_per_epoch=1000)
   build_s = time.perf_counter() - start
   timings = {"build_s": round(build_s, 1)}
   start = time.perf_counter()
@@ -84,7 +88,7 @@ def main() -> None:
       "mesh": dict(program.mesh.shape), "remat": args.remat,
       "compute_dtype": args.compute_dtype, "accum_steps": args.accum_steps,
       "options": json.loads(args.options),
-      "ema": not args.no_ema,
+      "task": cfg.task, "ema": bool(cfg.train.ema_decay),
       "param_bytes_total": tree_bytes(state["params"]),
       "param_bytes_per_device": tree_bytes(state["params"], per_device=True),
       "state_bytes_total": tree_bytes(state),

@@ -22,8 +22,9 @@ Prints a JSON line per batch compiled (compile seconds, memory analysis; for a r
 median step seconds over ``--steps`` timed calls, images/s, the allocator's peak
 bytes) and, after every run, a summary line (the last line is the summary; a run cut
 short by a timeout still leaves the summary of what ran). Synthetic uint8 images (the
-step's augmentation normalises them). On a CPU (no allocator statistics) the limit is
-``--limit-gib``.
+step's augmentation normalises them; ``benchmarks.common.synthetic_batch``). On a CPU
+(no allocator statistics) the limit is ``--limit-gib``. An ``upernet_internimage_*`` model
+is the ADE20K recipe of its size (150 classes, crop ``--image-size``, no EMA).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import machine, median_seconds, memory_report, train_config, tree_bytes  # noqa: E402
+from benchmarks.common import (NUM_CLASSES, machine, median_seconds, memory_report,  # noqa: E402
+                               synthetic_batch, train_config, tree_bytes)
 from internimage_jax.training import sharding  # noqa: E402
 from internimage_jax.training.trainer import TrainProgram  # noqa: E402
 
@@ -83,7 +84,7 @@ class Bench:
                        args.mesh, args.remat, args.compute_dtype,
                        options=json.loads(args.options))
     start = time.perf_counter()
-    self.program = TrainProgram(cfg, num_classes=1000, steps_per_epoch=1000)
+    self.program = TrainProgram(cfg, num_classes=NUM_CLASSES[cfg.task], steps_per_epoch=1000)
     self.ways = sharding.batch_size_of(self.program.mesh)
     self.state_bytes = tree_bytes(self.program.abstract_state, per_device=True)
     self.grad_bytes = tree_bytes(self.program.abstract_state["params"], per_device=True)
@@ -126,17 +127,11 @@ class Bench:
 
   def run(self, compiled, batch: int) -> tuple[float, float]:
     """Median seconds of a step at ``batch`` per device, and the first step's loss."""
-    program = self.program
-    make = jax.jit(lambda key: (
-        jax.random.randint(key, (batch * self.devices, *(program.cfg.data.image_size,) * 2, 3),
-                           0, 256, dtype=jnp.int32).astype(jnp.uint8),
-        jax.random.randint(key, (batch * self.devices,), 0, program.num_classes)),
-        out_shardings=(program.batch_sharding, program.batch_sharding))
-    images, labels = make(jax.random.key(batch))
+    inputs = synthetic_batch(self.program, batch * self.devices, seed=batch)
     losses = []
 
     def step():
-      self.state, metrics = compiled(self.state, self.rng_state, images, labels)
+      self.state, metrics = compiled(self.state, self.rng_state, inputs)
       losses.append(metrics["loss"])
       jax.block_until_ready(metrics)
 

@@ -103,6 +103,7 @@ def assert_rel_close(got, want, tol: float, name: str = "") -> None:
 # ------------------------------------------------------------- the main job, as users run it
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = ["train.py", "--config", "configs/quickstart.py"]
+SEG_QUICKSTART = ["train.py", "--config", "configs/segmentation_quickstart.py"]
 
 
 # The train.py runs of the tests compile the same few programs again and again: JAX's
@@ -133,9 +134,10 @@ def train_env(devices: int = 1, xla_flags: str = "", cache: bool = True) -> dict
 
 
 def run_quickstart(workdir, *overrides, devices: int = 1, check: bool = True,
-                   cache: bool = True, **kwargs):
-  """``python train.py --config configs/quickstart.py --workdir WORKDIR OVERRIDES...``."""
-  proc = subprocess.run([sys.executable, *QUICKSTART, "--workdir", str(workdir), *overrides],
+                   cache: bool = True, command=QUICKSTART, **kwargs):
+  """``python train.py --config configs/quickstart.py --workdir WORKDIR OVERRIDES...``
+  (``command``: another ``train.py --config ...``)."""
+  proc = subprocess.run([sys.executable, *command, "--workdir", str(workdir), *overrides],
                         cwd=REPO, env=train_env(devices, cache=cache), capture_output=True,
                         text=True, check=False, **kwargs)
   if check:

@@ -157,8 +157,8 @@ def train_case() -> dict:
     # donates its state, so each step gets a copy.
     initial = initial or program.init()
     state, rng_state = jax.tree.map(jnp.copy, initial)
-    state, metrics = compiled(state, rng_state, jax.device_put(images, program.batch_sharding),
-                              jax.device_put(labels, program.batch_sharding))
+    batch = {"image": images, "label": labels}
+    state, metrics = compiled(state, rng_state, jax.device_put(batch, program.batch_sharding))
     # AdamW's first moment after one step is 0.1 x the (clipped) gradient.
     moments = [a for path, a in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
                if "mu" in jax.tree_util.keystr(path)]

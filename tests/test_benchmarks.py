@@ -123,6 +123,63 @@ def test_scaling_benchmark_reports_sharded_memory():
   assert report["first_step_s"] >= max(report["step_s"], report["init_s"])
 
 
+# A small backbone and heads: UperNet's 512-channel head would make the compile a minute.
+SMALL_SEGMENTOR = {"channels": 8, "depths": [1, 1, 1, 1], "groups": [1, 2, 4, 8],
+                   "decode_head": {"channels": 16}, "auxiliary_head": {"channels": 8}}
+
+
+# Four programs compiled (~80 s on two busy cores); the segmentation step itself runs in
+# the default run through train.py (test_seg_train.py).
+@pytest.mark.slow
+def test_segmentation_benchmark_compares_with_classification():
+  """benchmarks/segmentation.py: train step (UperNet recipe vs classification recipe) and
+  inference (segmentor vs its backbone) in one run, a JSON line each and the ratios."""
+  import os
+
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/segmentation.py", "--image-size", "64",
+       "--per-device-batch", "1", "--steps", "1", "--options", json.dumps(SMALL_SEGMENTOR)],
+      cwd=REPO, capture_output=True, text=True, check=True,
+      env=dict(os.environ, XLA_FLAGS=QUICK_CODEGEN, JAX_PLATFORMS="cpu"))
+  *rows, summary = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+  assert summary["rows"] == rows
+  assert [(r["measurement"], r["model"], r.get("task"), r.get("part")) for r in rows] == [
+      ("train_step", "internimage_t", "classification", None),
+      ("train_step", "upernet_internimage_t", "segmentation", None),
+      ("inference", "upernet_internimage_t", None, "segmentor"),
+      ("inference", "upernet_internimage_t", None, "backbone")]
+  assert all(r["images_per_s"] > 0 for r in rows)
+  assert [r["num_classes"] for r in rows[:2]] == [1000, 150]
+  assert all(r["first_loss"] > 0 for r in rows[:2])
+  train, infer = summary["train_images_per_s"], summary["inference_images_per_s"]
+  assert summary["train_ratio_seg_over_cls"] == pytest.approx(
+      train["segmentation"] / train["classification"])
+  assert summary["inference_ratio_seg_over_backbone"] == pytest.approx(
+      infer["segmentor"] / infer["backbone"])
+  assert summary["batch"] == 1 and summary["machine"]["backend"] == "cpu"
+  assert summary["command"].startswith("python benchmarks/segmentation.py --image-size 64")
+
+
+def test_scaling_benchmark_shards_a_segmentor():
+  """benchmarks/scaling.py with a UperNet recipe (150 classes, no EMA) on 4 fake
+  devices: FSDP shards its state four ways too."""
+  import os
+
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/scaling.py", "--model", "upernet_internimage_t",
+       "--image-size", "64", "--per-device-batch", "1", "--devices", "4", "--mesh",
+       "data=1,fsdp=4", "--remat", "block", "--options", json.dumps(SMALL_SEGMENTOR)],
+      cwd=REPO, capture_output=True, text=True, check=True,
+      env=dict(os.environ, XLA_FLAGS=QUICK_CODEGEN))
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["task"] == "segmentation" and not report["ema"]
+  assert report["mesh"] == {"data": 1, "fsdp": 4} and report["devices"] == 4
+  assert report["param_bytes_per_device"] < 0.3 * report["param_bytes_total"]
+  assert report["state_bytes_per_device"] < 0.3 * report["state_bytes_total"]
+  assert report["total_bytes"] >= report["state_bytes_per_device"] > 0
+  assert report["compile_s"] > 0
+
+
 def test_gpu_check_keeps_the_last_summary_of_a_timed_out_stage():
   """A stage killed by its timeout still reports the summary it printed last (the H
   step prints one after each run), marked as timed out; without one, an error row."""

@@ -29,8 +29,8 @@ def _write_folder(root, classes=("cat", "dog", "eel"), per_class=5, broken=("dog
 
 
 def _drain_eval(source, batch, processes=1):
-  transform = augment.EvalTransform(size=16)
-  return [list(pipeline.eval_batches(source, transform, image_size=16, global_batch=batch,
+  example = pipeline.Classify(augment.EvalTransform(size=16), 16)
+  return [list(pipeline.eval_batches(source, example, global_batch=batch,
                                      process=p, processes=processes, threads=2))
           for p in range(processes)]
 
@@ -45,11 +45,11 @@ def test_image_folder_labels_and_unreadable_images(tmp_path):
   assert train[broken].image is None and train[0].image.mode == "RGB"
 
   # Training skips and counts it; every batch stays full.
-  it = pipeline.TrainIterator(train, augment.TrainTransform(size=16), image_size=16,
+  it = pipeline.TrainIterator(train, pipeline.Classify(augment.TrainTransform(size=16), 16),
                               global_batch=4, seed=0, process=0, processes=1, threads=2)
   batches = [next(it) for _ in range(8)]  # two epochs of 16 records
   assert all(b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.uint8 for b in batches)
-  
+  assert it.skipped >= 1  # the broken file, met at least once in two epochs
   it.close()
 
   # Evaluation masks it (and the padding) and flags it as unreadable.
@@ -79,8 +79,8 @@ def test_image_folder_errors_name_the_problem(tmp_path):
 
 def test_process_slices_assemble_the_global_batch_and_resume():
   digits = sources.DigitsSource("train", image_size=8)
-  transform = augment.TrainTransform(size=8, random_resized_crop=False)
-  kw = dict(image_size=8, global_batch=12, seed=3, threads=2)
+  transform = pipeline.Classify(augment.TrainTransform(size=8, random_resized_crop=False), 8)
+  kw = dict(global_batch=12, seed=3, threads=2)
   whole = pipeline.TrainIterator(digits, transform, process=0, processes=1, **kw)
   expected = [next(whole) for _ in range(3)]
   state = whole.state()
@@ -118,12 +118,12 @@ def test_eval_batches_cover_each_example_once_across_processes():
 
 def test_batch_and_process_errors():
   digits = sources.DigitsSource("test", image_size=8)
-  transform = augment.EvalTransform(size=8)
+  transform = pipeline.Classify(augment.EvalTransform(size=8), 8)
   with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-    pipeline.TrainIterator(digits, transform, image_size=8, global_batch=8, seed=0, process=0,
+    pipeline.TrainIterator(digits, transform, global_batch=8, seed=0, process=0,
                            processes=3)
   with pytest.raises(ValueError, match="exceeds the"):
-    pipeline.TrainIterator(digits, transform, image_size=8, global_batch=10_000, seed=0,
+    pipeline.TrainIterator(digits, transform, global_batch=10_000, seed=0,
                            process=0, processes=1)
 
 
@@ -160,7 +160,7 @@ def test_tfds_data_source_through_grain(tmp_path):
     record = train[i]
     width, height = record.image.size
     assert width == 24 and record.label == (height - 20) % 3
-  it = pipeline.TrainIterator(train, augment.TrainTransform(size=16), image_size=16,
+  it = pipeline.TrainIterator(train, pipeline.Classify(augment.TrainTransform(size=16), 16),
                               global_batch=4, seed=0, process=0, processes=1, threads=2)
   batch = next(it)
   it.close()

@@ -228,6 +228,11 @@ def test_bfloat16_compute_runs_and_tracks_float32():
   assert got.dtype == jnp.bfloat16
   assert fast.levels[0].blocks.dcn.input_proj.kernel.dtype == jnp.float32  # master weights
   assert_rel_close(got, want, 0.1, "bf16 logits")
+  # A float32 layer scale (S..XL, segmentation T) must not promote the activations: the
+  # scan over a level's blocks needs its carry to keep its dtype.
+  scaled = jax.eval_shape(lambda: models.create(
+      "internimage_s", num_classes=4, dtype=jnp.bfloat16, **MINI_T)(x))
+  assert scaled.dtype == jnp.bfloat16
 
 
 def test_train_step_reduces_loss():

@@ -12,7 +12,7 @@ from flax import nnx
 
 from helpers import PARAM_COUNTS
 from internimage_jax.training import config as config_lib
-from internimage_jax.training import optim
+from internimage_jax.training import optim, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 FROM_SCRATCH = {"internimage_t_1k_224": 0.1, "internimage_s_1k_224": 0.4,
@@ -101,9 +101,9 @@ def test_layer_decay_groups_follow_the_original():
   model = nnx.eval_shape(lambda: models.create("internimage_t", num_classes=5, channels=8,
                                                depths=depths, groups=(1, 2, 2, 4),
                                                center_feature_scale=True))
-  cfg = load_config("internimage_l_22kto1k_384").train
+  cfg = load_config("internimage_l_22kto1k_384")
   # One multiplier per block along the train state's stacked parameters.
-  mults = optim.lr_multipliers(model, cfg)
+  mults = tasks.Classification(cfg, num_classes=5).lr_multipliers(model)
   names = official_names(model)
   by_name = {name: float(value)
              for path, var in nnx.to_flat_state(mults)
@@ -127,8 +127,8 @@ def test_layer_decay_groups_follow_the_original():
   }
   for name, want in expect.items():
     assert by_name[name] == pytest.approx(want, rel=1e-9), name
-  off = load_config("internimage_t_1k_224").train
-  assert optim.lr_multipliers(model, off) is None  # from scratch: one LR group
+  off = load_config("internimage_t_1k_224")
+  assert tasks.Classification(off, 5).lr_multipliers(model) is None  # from scratch: one group
 
 
 # Each path once by default: from scratch (T), a fine-tune with layer decay (L), every

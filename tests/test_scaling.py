@@ -191,7 +191,7 @@ for mesh in ({"data": 1, "fsdp": 4}, {"data": 1, "fsdp": 2, "model": 2}):
     row = {"loss": float(loss), "grads": [np.asarray(g).tolist() for g in jax.tree.leaves(grads)],
            "fc1": [fc1.shape, fc1.addressable_shards[0].data.shape]}
     if "model" in mesh:  # the full step once, under tensor parallelism
-        state, metrics = program.train_step(state, rng, images, labels)
+        state, metrics = program.train_step(state, rng, {"image": images, "label": labels})
         row["step_loss"] = float(metrics["loss"])
     out[",".join(mesh)] = row
 print(json.dumps(out))

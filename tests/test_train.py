@@ -273,12 +273,14 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path):
   whole = program(16, 2)
   state, rngs = whole.init()
   before = jax.device_get(state["batch_stats"])  # the step donates the state
-  after, metrics = jax.device_get(whole.train_step(state, rngs, images, labels))
+  after, metrics = jax.device_get(whole.train_step(
+      state, rngs, {"image": images, "label": labels}))
   half = program(8, 1)
   losses, halves = [], []
   for start in (0, 1):
     state, rngs = half.init()
-    new, m = jax.device_get(half.train_step(state, rngs, images[start::2], labels[start::2]))
+    new, m = jax.device_get(half.train_step(
+        state, rngs, {"image": images[start::2], "label": labels[start::2]}))
     losses.append(float(m["loss"]))
     halves.append(new)
   assert float(metrics["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
@@ -336,7 +338,7 @@ def test_the_train_step_compiled_ahead_is_the_one_that_runs():
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     for _ in range(2):
-      state, metrics = program.train_step(state, rngs, images, labels)
+      state, metrics = program.train_step(state, rngs, {"image": images, "label": labels})
       assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)

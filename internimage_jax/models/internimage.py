@@ -113,7 +113,7 @@ def _residual_branch(modules, x: jax.Array, gamma: jax.Array | None, keep: jax.A
     if res_post_norm:
       y = post(y)
   if gamma is not None:
-    y = gamma * y
+    y = gamma.astype(y.dtype) * y  # a float32 scale must not promote bfloat16 activations
   return x + drop_path(y, keep)
 
 

@@ -24,12 +24,16 @@ def base_config() -> ConfigDict:
   """Defaults = the original from-scratch ImageNet-1K recipe (InternImage-T)."""
   cfg = ConfigDict()
   cfg.seed = 0
+  cfg.task = "classification"  # or "segmentation" (UperNet; tasks.py)
   cfg.mode = "train"  # or "eval": evaluate init_from (or the workdir's latest) and stop
   cfg.init_from = ""  # official .pth / .safetensors / converted dir; new head if classes differ
   cfg.model = ConfigDict(dict(
-      name="internimage_t",
+      name="internimage_t",  # segmentation: upernet_internimage_{t,s,b,l,xl,h}
       # Any InternImage constructor option (channels, depths, drop_path_rate, ...).
       overrides=ConfigDict(dict(drop_path_rate=0.1)),
+      # Segmentation: UperHead / FCNHead options over the official ones; auxiliary=False
+      # trains without the auxiliary FCN head.
+      decode_head=ConfigDict(), auxiliary_head=ConfigDict(), auxiliary=True,
       # Recompute each block in the backward pass: "none", "block" (keep only block
       # inputs) or "dots" (also keep matmul outputs). Trades compute for activations.
       remat="none",
@@ -48,6 +52,8 @@ def base_config() -> ConfigDict:
       prefetch=2,  # whole batches prepared ahead per process
       eval_batch=0,  # global evaluation batch; 0 = the training global batch
       test_fraction=0.2, split_seed=0,  # digits only: the fixed held-out split
+      # Segmentation: label 0 is "other" (ADE20K): 0 -> 255 (ignored), v -> v - 1.
+      reduce_zero_label=False,
   ))
   cfg.aug = ConfigDict(dict(
       random_resized_crop=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),  # bicubic
@@ -55,13 +61,21 @@ def base_config() -> ConfigDict:
       randaugment=RECIPE_RANDAUGMENT,  # "" = off
       reprob=0.25,  # random erasing (pixel mode, one box)
       mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,  # 0, 0 = off
+      # Segmentation (mmseg's pipeline; the crop is data.image_size): keep-ratio resize to
+      # img_scale (long, short) times U(ratio_range), crop with cat_max_ratio, hflip,
+      # photometric distortion, pad with label 255.
+      img_scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, photometric=True,
   ))
   cfg.train = ConfigDict(dict(
       global_batch=4096,  # the original's 32 GPUs x 128 (or 8 x 512)
       accum_steps=1,  # gradient accumulation: micro-batches of global_batch / accum_steps
       epochs=300.0, warmup_epochs=20.0,
-      lr=5e-4, warmup_lr=5e-7, min_lr=5e-6,  # per 512 images, scaled by global_batch / 512
-      weight_decay=0.05, clip_grad=5.0, label_smoothing=0.1,
+      steps=0, warmup_steps=0,  # iterations, when set, instead of epochs / warmup_epochs
+      lr=5e-4, warmup_lr=5e-7, min_lr=5e-6,  # per lr_batch images, scaled by global_batch
+      lr_batch=512,  # 0: the learning rates are used as they are (mmseg's recipes)
+      schedule="cosine",  # or "poly": (1 - t/T) ** power, warmup ratio warmup_ratio
+      power=1.0, warmup_ratio=1e-6,
+      weight_decay=0.05, clip_grad=5.0, label_smoothing=0.1,  # clip_grad 0: no clipping
       layer_decay=0.0,  # layer-wise LR decay ratio (0 = off), counted from the last block
       dcn_lr_mul=1.0,  # LR multiplier of dcn.offset and dcn.center_feature_scale_proj
       ema_decay=0.9999,  # 0 = no EMA
@@ -77,6 +91,13 @@ def base_config() -> ConfigDict:
   # --config.axis_rules.embed=None); axis_rules() reads "None" as None.
   cfg.axis_rules = ConfigDict({name: placeholder(str) if axis is None else axis
                                for name, axis in DEFAULT_RULES.items()})
+  # Segmentation evaluation (models/segmentation/inference.py): "whole" or "slide"
+  # (windows of crop every stride); each test image resized keep-ratio to
+  # eval.img_scale times each of scales, sides rounded up to size_divisor, on a canvas
+  # of canvas (h, w) pixels times the scale; labels at the original size on label_canvas.
+  cfg.eval = ConfigDict(dict(mode="whole", crop=(512, 512), stride=(341, 341), flip=False,
+                             scales=(1.0,), img_scale=(2048, 512), size_divisor=32,
+                             canvas=(1024, 1024), label_canvas=(2048, 2048)))
   cfg.checkpoint = ConfigDict(dict(every_steps=0, keep=3))  # 0 = once per epoch
   cfg.log_every_steps = 50
   cfg.eval_every_steps = 0  # 0 = once per epoch
@@ -88,6 +109,38 @@ def fine_tune(cfg: ConfigDict) -> ConfigDict:
   cfg.train.update(epochs=20.0, warmup_epochs=2.0, lr=2e-5, warmup_lr=0.0, min_lr=0.0,
                    label_smoothing=0.3, layer_decay=0.9, dcn_lr_mul=0.1, global_batch=512)
   cfg.aug.update(mixup=0.0, cutmix=0.0, reprob=0.0)
+  return cfg
+
+
+def upernet_ade20k(cfg: ConfigDict, size: str, lr: float, layer_decay: float,
+                   clip_grad: float) -> ConfigDict:
+  """The original UperNet ADE20K recipe (spec ``segmentation.md`` section 7) for
+  ``upernet_internimage_<size>`` at its crop size: 160k iterations of batch 16, AdamW
+  with layer decay (1.0: none) and the no-decay rules, poly schedule with 1,500
+  warmup iterations, batch statistics over the global batch (the original's SyncBN),
+  whole-image evaluation every 16k iterations. Data: the ADEChallengeData2016 folder."""
+  from internimage_jax.models.segmentation.segmentor import CROP_SIZES
+
+  crop = CROP_SIZES[f"upernet_internimage_{size}"]
+  scale = crop / 512
+  cfg.task = "segmentation"
+  cfg.model.update(name=f"upernet_internimage_{size}", auxiliary=True)
+  cfg.model.overrides = ConfigDict()  # the official backbone (update() would merge)
+  cfg.data.update(source="folder", name="", train_split="training", eval_split="validation",
+                  image_size=crop, reduce_zero_label=True, eval_batch=0)
+  cfg.aug.update(img_scale=(int(2048 * scale), crop), ratio_range=(0.5, 2.0),
+                 cat_max_ratio=0.75, hflip=0.5, photometric=True)
+  cfg.train.update(global_batch=16, steps=160_000, warmup_steps=1500, schedule="poly",
+                   power=1.0, warmup_ratio=1e-6, lr=lr, min_lr=0.0, lr_batch=0,
+                   weight_decay=0.05, clip_grad=clip_grad, layer_decay=layer_decay,
+                   dcn_lr_mul=1.0, label_smoothing=0.0, ema_decay=0.0)
+  # Test images: short side `crop`, long side at most 4 crops; the canvas holds aspect
+  # ratios up to 2:1 at full size (wider ones are shrunk to fit and counted).
+  cfg.eval.update(mode="whole", img_scale=(int(2048 * scale), crop), scales=(1.0,),
+                  flip=False, crop=(crop, crop), stride=(int(crop * 2 / 3), int(crop * 2 / 3)),
+                  canvas=(2 * crop, 2 * crop), label_canvas=(2048, 2048))
+  cfg.checkpoint.update(every_steps=16_000, keep=3)
+  cfg.eval_every_steps = 16_000
   return cfg
 
 
@@ -120,22 +173,31 @@ def _unknown(cfg: ConfigDict, schema: ConfigDict, prefix: str = "") -> list[str]
     if key not in schema:
       close = difflib.get_close_matches(key, list(schema.keys()), n=1)
       problems.append(name + (f" (did you mean {prefix + close[0]}?)" if close else ""))
-    elif name == "model.overrides":
-      problems += _unknown(value, ConfigDict(dict.fromkeys(_model_options())), name + ".")
+    elif name in _CONSTRUCTOR_OPTIONS:
+      options = ConfigDict(dict.fromkeys(_constructor_options(name)))
+      problems += _unknown(value, options, name + ".")
     elif isinstance(value, ConfigDict):
       problems += _unknown(value, schema[key], name + ".")
   return problems
 
 
-def _model_options() -> list[str]:
-  """What ``config.model.overrides`` may set: InternImage's constructor options, less
-  those the trainer sets from other keys."""
-  from internimage_jax.models.internimage import InternImage
+# Config keys that hold constructor options: (class, options the trainer sets itself).
+_CONSTRUCTOR_OPTIONS = {
+    "model.overrides": ("InternImage", {"num_classes", "rngs", "dtype", "activation_sharding",
+                                        "axis_rules", "remat", "implementation"}),
+    "model.decode_head": ("UperHead", {"in_channels", "num_classes", "rngs"}),
+    "model.auxiliary_head": ("FCNHead", {"in_channels", "num_classes", "rngs"}),
+}
 
-  set_by_trainer = {"self", "num_classes", "rngs", "dtype", "activation_sharding",
-                    "axis_rules", "remat", "implementation"}
-  return [p for p in inspect.signature(InternImage.__init__).parameters
-          if p not in set_by_trainer]
+
+def _constructor_options(key: str) -> list[str]:
+  """What ``key`` (``_CONSTRUCTOR_OPTIONS``) may set: its class's constructor options,
+  less those the trainer sets from other keys."""
+  from internimage_jax import models
+
+  cls_name, set_by_trainer = _CONSTRUCTOR_OPTIONS[key]
+  return [p for p in inspect.signature(getattr(models, cls_name).__init__).parameters
+          if p not in set_by_trainer | {"self"}]
 
 
 def axis_rules(cfg: ConfigDict) -> dict[str, str | None]:
@@ -149,6 +211,20 @@ def validate(cfg: ConfigDict) -> None:
   unknown = _unknown(cfg, base_config())
   if unknown:
     raise ValueError("unknown config key(s): " + ", ".join(unknown))
+  from internimage_jax.training.tasks import task_class
+
+  task_class(cfg)  # raises for an unknown task
+  if cfg.train.schedule not in ("cosine", "poly"):
+    raise ValueError(f"config.train.schedule must be 'cosine' or 'poly', got "
+                     f"{cfg.train.schedule!r}")
+  if cfg.eval.mode not in ("whole", "slide"):
+    raise ValueError(f"config.eval.mode must be 'whole' or 'slide', got {cfg.eval.mode!r}")
+  for key in ("crop", "stride", "img_scale", "canvas", "label_canvas"):
+    value = tuple(cfg.eval[key])
+    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+      raise ValueError(f"config.eval.{key} must be two positive integers, got {value}")
+  if not cfg.eval.scales or not all(s > 0 for s in cfg.eval.scales):
+    raise ValueError(f"config.eval.scales must be positive ratios, got {tuple(cfg.eval.scales)}")
   if cfg.mode not in ("train", "eval"):
     raise ValueError(f"config.mode must be 'train' or 'eval', got {cfg.mode!r}")
   if cfg.model.remat not in ("none", "block", "dots"):

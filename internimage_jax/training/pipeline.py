@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grain
 import numpy as np
@@ -53,23 +53,42 @@ class _ProcessSlice(grain.MapDataset):
     return f"_ProcessSlice(process={self._process}, local={self._local})"
 
 
+class Example(Protocol):
+  """A task's per-example preparation: ``(record, rng) -> dict`` of fixed-shape arrays,
+  and ``blank()``, the same arrays for padding and unreadable records."""
+
+  def __call__(self, record: Record, rng: np.random.Generator) -> dict[str, np.ndarray]: ...
+
+  def blank(self) -> dict[str, np.ndarray]: ...
+
+
 @dataclasses.dataclass
-class _Prepare:
-  """``(global_index, record)`` -> ``{"image": uint8 HWC, "label", "ok"}``."""
+class Classify:
+  """Classification examples: ``{"image": uint8 [S, S, 3], "label": int32}``."""
 
   transform: Transform
   size: int
+
+  def __call__(self, record: Record, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"image": self.transform(record.image, rng), "label": np.int32(record.label)}
+
+  def blank(self) -> dict[str, np.ndarray]:
+    return {"image": np.zeros((self.size, self.size, 3), np.uint8), "label": np.int32(0)}
+
+
+@dataclasses.dataclass
+class _Prepare:
+  """``(global_index, record)`` -> the example's arrays with ``"ok"`` and ``"padding"``."""
+
+  example: Example
   seed: int
 
   def __call__(self, item: tuple[int, Record | None]) -> dict[str, Any]:
     g, record = item
     if record is None or record.image is None:
-      return {"image": np.zeros((self.size, self.size, 3), np.uint8),
-              "label": np.int32(record.label if record else 0), "ok": False,
-              "padding": record is None}
+      return {**self.example.blank(), "ok": False, "padding": record is None}
     rng = np.random.default_rng([self.seed, g])
-    return {"image": self.transform(record.image, rng), "label": np.int32(record.label),
-            "ok": True, "padding": False}
+    return {**self.example(record, rng), "ok": True, "padding": False}
 
 
 class _SkipUnreadable(grain.IterDataset):
@@ -89,9 +108,9 @@ class _SkipUnreadableIterator(grain.DatasetIterator):
     skipped = 0
     while True:
       example = next(self._parent)
-      if example["ok"]:
-        return {"image": example["image"], "label": example["label"],
-                "skipped": np.int32(skipped)}
+      if example.pop("ok"):
+        del example["padding"]
+        return {**example, "skipped": np.int32(skipped)}
       skipped += 1
 
   # Stateless between elements: the position is the parent's.
@@ -108,15 +127,15 @@ def _check_batch(global_batch: int, processes: int) -> None:
 
 
 class TrainIterator:
-  """Endless local batches ``{"image": uint8 [B, S, S, 3], "label": int32 [B]}``.
+  """Endless local batches of ``example``'s arrays (classification: ``{"image": uint8
+  [B, S, S, 3], "label": int32 [B]}``).
 
   ``state()`` / ``TrainIterator(..., state=...)`` save and restore the position (and the
   count of skipped images) so a resumed run sees exactly the batches it would have.
   ``skipped`` counts the unreadable images met by the batches returned so far.
   """
 
-  def __init__(self, source, transform: Transform, *, image_size: int, global_batch: int,
-               seed: int, process: int, processes: int, threads: int = 8, prefetch: int = 2,
+  def __init__(self, source, example: Example, *, global_batch: int, seed: int, process: int, processes: int, threads: int = 8, prefetch: int = 2,
                state: dict[str, Any] | None = None):
     _check_batch(global_batch, processes)
     if global_batch > len(source):
@@ -124,7 +143,7 @@ class TrainIterator:
     self.skipped = int(state["skipped"]) if state else 0
     stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     stream = _ProcessSlice(stream, global_batch, process, processes)
-    stream = stream.map(_Prepare(transform, image_size, seed))
+    stream = stream.map(_Prepare(example, seed))
     # Worker threads decode and augment ahead of the consumer; Pillow releases the GIL.
     examples = stream.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                         prefetch_buffer_size=4 * threads))
@@ -139,9 +158,9 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
-    self.skipped += int(batch["skipped"].sum())
-    return {"image": batch["image"], "label": batch["label"]}
+    batch = dict(next(self._iterator))
+    self.skipped += int(batch.pop("skipped").sum())
+    return batch
 
   def state(self) -> dict[str, Any]:
     return {"grain": self._iterator.get_state(), "skipped": self.skipped}
@@ -153,20 +172,21 @@ class TrainIterator:
       close()
 
 
-def eval_batches(source, transform: Transform, *, image_size: int, global_batch: int,
-                 process: int, processes: int, threads: int = 8):
+def eval_batches(source, example: Example, *, global_batch: int, process: int,
+                 processes: int, threads: int = 8):
   """One pass over a split in fixed-size local batches, with ``"valid"`` masking the
   padding of the last global batch and any unreadable image (flagged in ``"unreadable"``)."""
   _check_batch(global_batch, processes)
   padded = -(-len(source) // global_batch) * global_batch
   indices = grain.MapDataset.source(_Padded(source, padded))
   stream = _ProcessSlice(indices, global_batch, process, processes, size=len(source))
-  stream = stream.map(_Prepare(transform, image_size, seed=0))
+  stream = stream.map(_Prepare(example, seed=0))
   examples = stream.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                       prefetch_buffer_size=4 * threads))
   for batch in examples.batch(global_batch // processes, drop_remainder=False):
-    yield {"image": batch["image"], "label": batch["label"], "valid": batch["ok"],
-           "unreadable": ~batch["ok"] & ~batch["padding"]}
+    batch = dict(batch)
+    ok, padding = batch.pop("ok"), batch.pop("padding")
+    yield {**batch, "valid": ok, "unreadable": ~ok & ~padding}
 
 
 class _Padded:

@@ -33,7 +33,7 @@ class DataError(ValueError):
 @dataclasses.dataclass
 class Record:
   image: Image.Image | None  # RGB, or None when the file could not be decoded
-  label: int
+  label: int | np.ndarray | None  # class index; a uint8 [H, W] map (255 = ignore) for segmentation
   name: str  # file name or record index, for messages about unreadable images
 
 

@@ -29,17 +29,18 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from internimage_jax import models
-from internimage_jax.training import augment, batch_augment, optim, pipeline, sharding, sources
+from internimage_jax.training import augment, optim, pipeline, sharding
 from internimage_jax.training import config as config_lib
 from internimage_jax.training.checkpoints import Checkpoints
 from internimage_jax.training.errors import Preempted, TrainingError
 from internimage_jax.training.preemption import PreemptionWatch
 from internimage_jax.training.processes import Program, everywhere
+from internimage_jax.training.tasks import Task, task_class
 from internimage_jax.training.workdir import WorkdirLock
 
 __all__ = ["Preempted", "TrainProgram", "Trainer", "TrainingError"]
@@ -111,20 +112,23 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class TrainProgram:
   """Model, optimizer, mesh, sharded state and the jitted steps of a config (no data).
 
-  ``abstract_state`` and ``abstract_inputs`` let a step be lowered and compiled without
-  allocating anything: ``program.train_step.lower(*program.abstract_inputs(b)).compile()``,
-  or in the background: ``program.train_step.compile_ahead(*program.abstract_inputs())``.
+  The steps take the batch as a dict of global arrays (``task.batch_shapes``; for
+  classification ``{"image", "label"}``). ``abstract_state`` and ``abstract_inputs`` let
+  a step be lowered and compiled without allocating anything:
+  ``program.train_step.lower(*program.abstract_inputs(b)).compile()``, or in the
+  background: ``program.train_step.compile_ahead(*program.abstract_inputs())``.
   """
 
   def __init__(self, cfg: ConfigDict, num_classes: int, steps_per_epoch: int,
-               mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
+               mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD,
+               class_names: list[str] | None = None):
     try:
       config_lib.validate(cfg)
       self.mesh = sharding.make_mesh(cfg.mesh.to_dict())
     except ValueError as e:
       raise TrainingError(str(e) if "config" in str(e) else f"config.mesh: {e}") from None
     self.cfg, self.num_classes = cfg, num_classes
-    self.mean, self.std = tuple(mean), tuple(std)
+    self.task: Task = task_class(cfg)(cfg, num_classes, mean, std, class_names)
     batch = cfg.train.global_batch
     ways = sharding.batch_size_of(self.mesh)
     for name, size in (("config.train.global_batch", batch),
@@ -133,14 +137,14 @@ class TrainProgram:
         raise TrainingError(f"{name} {size} is not divisible by the {ways}-way "
                             f"data-parallel split of mesh {dict(self.mesh.shape)}")
     self.steps_per_epoch = max(1, steps_per_epoch)
-    self.total_steps = int(cfg.train.epochs * self.steps_per_epoch)
+    self.total_steps = cfg.train.steps or int(cfg.train.epochs * self.steps_per_epoch)
     self.lr = optim.schedule(cfg.train, batch, self.total_steps, self.steps_per_epoch)
     self.tx: optax.GradientTransformation | None = None
 
     def init():
       model = self.build_model()
       if self.tx is None:  # the LR multipliers need the parameter names: set on first trace
-        self.tx = optim.make_optimizer(cfg.train, self.lr, optim.lr_multipliers(model, cfg.train))
+        self.tx = optim.make_optimizer(cfg.train, self.lr, self.task.lr_multipliers(model))
       # The graph definition is static: the shape-only trace below records it, so the
       # (for large models, slow) construction is traced once for shapes, once for init.
       self.graphdef, params, stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
@@ -170,13 +174,13 @@ class TrainProgram:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), abstract_rng)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.train_step = Program(jax.jit(
-        self._step, in_shardings=(self.state_shardings, self.rng_shardings,
-                                  self.batch_sharding, self.batch_sharding),
+        self._step, in_shardings=(self.state_shardings, self.rng_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,)),
         "train step")
     self.eval_step = Program(jax.jit(
-        self._evaluate, in_shardings=(self.state_shardings, self.rng_shardings)
-        + (self.batch_sharding,) * 4, out_shardings=self.replicated), "eval step")
+        self._evaluate, in_shardings=(self.state_shardings, self.rng_shardings,
+                                      self.batch_sharding),
+        out_shardings=self.replicated), "eval step")
     self._all_finite = Program(jax.jit(_all_finite, out_shardings=self.replicated),
                                "finiteness check")
 
@@ -184,25 +188,23 @@ class TrainProgram:
     """Whether every floating-point value of ``state`` is finite (checked on device)."""
     return bool(self._all_finite(state))
 
-  def build_model(self, seed: int | None = None) -> models.InternImage:
+  def build_model(self, seed: int | None = None) -> nnx.Module:
     cfg = self.cfg
-    return models.create(cfg.model.name, num_classes=self.num_classes,
-                         rngs=nnx.Rngs(cfg.seed if seed is None else seed),
-                         dtype=COMPUTE_DTYPES[cfg.train.compute_dtype],
-                         activation_sharding=sharding.batch_sharding(self.mesh),
-                         axis_rules=config_lib.axis_rules(cfg),
-                         remat=cfg.model.remat, implementation=cfg.model.implementation,
-                         **cfg.model.overrides.to_dict())
+    return self.task.build_model(
+        rngs=nnx.Rngs(cfg.seed if seed is None else seed),
+        dtype=COMPUTE_DTYPES[cfg.train.compute_dtype],
+        activation_sharding=sharding.batch_sharding(self.mesh),
+        axis_rules=config_lib.axis_rules(cfg), remat=cfg.model.remat,
+        implementation=cfg.model.implementation)
 
   def abstract_inputs(self, batch: int | None = None):
-    """Shape-only ``(state, rng_state, images, labels)`` for lowering the train step."""
-    batch = batch or self.cfg.train.global_batch
-    size = self.cfg.data.image_size
-    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=self.batch_sharding)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=self.batch_sharding)
-    return self.abstract_state, self.abstract_rng, images, labels
+    """Shape-only ``(state, rng_state, batch)`` for lowering the train step."""
+    shapes = self.task.batch_shapes(batch or self.cfg.train.global_batch, train=True)
+    arrays = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+              for k, (shape, dtype) in shapes.items()}
+    return self.abstract_state, self.abstract_rng, arrays
 
-  def merge(self, state, rng_state, params_key: str = "params") -> models.InternImage:
+  def merge(self, state, rng_state, params_key: str = "params") -> nnx.Module:
     """The model of a train state (``params_key``: ``"params"`` or ``"ema_params"``)."""
     return nnx.merge(self.graphdef, state[params_key], state["batch_stats"],
                      rng_state)
@@ -212,39 +214,26 @@ class TrainProgram:
     return nnx.state(model, nnx.Param)
 
   # ----------------------------------------------------------------- steps
-  def _augment(self, key, images, labels):
-    """Normalise, random erasing, mixup / cutmix -> (images, soft targets)."""
-    aug, train = self.cfg.aug, self.cfg.train
-    erase_key, mix_key = jax.random.split(key)
-    x = batch_augment.normalize(images, self.mean, self.std)
-    if aug.reprob:
-      x = batch_augment.random_erasing(erase_key, x, aug.reprob)
-    return batch_augment.mixup_cutmix(
-        mix_key, x, labels, self.num_classes, mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix,
-        prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
-        label_smoothing=train.label_smoothing)
-
-  def _step(self, state, rng_state, images, labels):
+  def _step(self, state, rng_state, batch):
     cfg = self.cfg.train
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), state["step"])
     aug_key, drop_key = jax.random.split(key)
-    x, targets = self._augment(aug_key, images, labels)
+    prepared = self.task.prepare(aug_key, batch)
     model = self.merge(state, rng_state)
     nnx.reseed(model, dropout=drop_key, policy="match_shape")  # a key per stacked block
     model.train()
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     params = state["params"]
 
-    def loss_fn(params, rest, x, targets):
+    def loss_fn(params, rest, prepared):
       # Fresh Variables (copy=True) that belong to this trace, so the RNG counts can move.
       model = nnx.merge(graphdef, params, rest, copy=True)
-      logits = model(x).astype(jnp.float32)
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
+      loss = self.task.loss(model, prepared)
       return loss, nnx.state(model, nnx.Not(nnx.Param))  # new batch stats and RNG counts
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if cfg.accum_steps == 1:
-      (loss, rest), grads = grad_fn(params, rest, x, targets)
+      (loss, rest), grads = grad_fn(params, rest, prepared)
     else:
       # Micro-batch i takes every accum_steps-th example: each device keeps its own
       # examples (the batch is sharded in contiguous blocks), so no data moves.
@@ -252,14 +241,14 @@ class TrainProgram:
         a = a.reshape(a.shape[0] // cfg.accum_steps, cfg.accum_steps, *a.shape[1:])
         return jnp.moveaxis(a, 1, 0)
 
-      def body(carry, batch):
+      def body(carry, micro_batch):
         grads_sum, loss_sum, rest = carry
-        (loss, rest), grads = grad_fn(params, rest, *batch)
+        (loss, rest), grads = grad_fn(params, rest, micro_batch)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, rest), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       (grads, loss, rest), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), rest),
-                                           (micro(x), micro(targets)))
+                                           jax.tree.map(micro, prepared))
       grads = jax.tree.map(lambda g: g / cfg.accum_steps, grads)
       loss = loss / cfg.accum_steps
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
@@ -282,20 +271,26 @@ class TrainProgram:
                "finite": finite}
     return new_state, metrics
 
-  def _evaluate(self, state, rng_state, images, labels, valid, unreadable):
-    """Hit counts of the raw weights and, when kept, of their EMA."""
-    x = batch_augment.normalize(images, self.mean, self.std)
-    out = {"count": jnp.sum(valid), "unreadable": jnp.sum(unreadable)}
+  def _evaluate(self, state, rng_state, batch):
+    """The task's counts for the raw weights and, when kept, for their EMA."""
+    out = {"count": jnp.sum(batch["valid"]), "unreadable": jnp.sum(batch["unreadable"])}
     for prefix, key in (("eval", "params"), ("eval_ema", "ema_params")):
       if key not in state:
         continue
       model = self.merge(state, rng_state, key)
       model.eval()
-      logits = model(x).astype(jnp.float32)
-      top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-      out[f"{prefix}/top1"] = jnp.sum((top5[:, 0] == labels) & valid)
-      out[f"{prefix}/top5"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) & valid)
+      for name, value in self.task.eval_counts(model, batch).items():
+        out[f"{prefix}/{name}"] = value
     return out
+
+
+def _by_prefix(totals: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  """``{"eval/top1": v, ...}`` -> ``{"eval": {"top1": v}, ...}``."""
+  grouped: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in totals.items():
+    prefix, name = key.split("/", 1)
+    grouped.setdefault(prefix, {})[name] = value
+  return grouped
 
 
 class Trainer:
@@ -343,8 +338,9 @@ class Trainer:
   def _build(self, cfg: ConfigDict) -> None:
     try:
       config_lib.validate(cfg)
-      self.train_source = sources.make_source(cfg.data, "train") if cfg.mode == "train" else None
-      self.eval_source = sources.make_source(cfg.data, "eval")
+      make_source = task_class(cfg).make_source
+      self.train_source = make_source(cfg, "train") if cfg.mode == "train" else None
+      self.eval_source = make_source(cfg, "eval")
     except (ValueError, ImportError) as e:
       raise TrainingError(str(e)) from None
     data = self.eval_source
@@ -353,40 +349,52 @@ class Trainer:
     if self.train_source is not None and steps_per_epoch == 0:
       raise TrainingError(f"global batch {batch} exceeds the {len(self.train_source)} "
                           "training examples")
-    self.program = TrainProgram(cfg, data.num_classes, steps_per_epoch, data.mean, data.std)
+    self.program = TrainProgram(cfg, data.num_classes, steps_per_epoch, data.mean, data.std,
+                                getattr(data, "class_names", None))
+    self.task = self.program.task
     self.steps_per_epoch, self.total_steps = self.program.steps_per_epoch, self.program.total_steps
-    size, aug = cfg.data.image_size, cfg.aug
-    self.train_transform = augment.TrainTransform(
-        size=size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
-        randaugment=aug.randaugment, random_resized_crop=aug.random_resized_crop)
-    self.eval_transform = augment.EvalTransform(size=size)
+    try:  # a bad augmentation option fails here, before anything is compiled
+      self.train_example = self.task.train_example() if cfg.mode == "train" else None
+      self.eval_example = self.task.eval_example()
+    except ValueError as e:
+      raise TrainingError(str(e)) from None
     self.eval_every = cfg.eval_every_steps or self.steps_per_epoch
     self.checkpoints = Checkpoints(
         self.workdir / "checkpoints", keep=cfg.checkpoint.keep,
         every_steps=cfg.checkpoint.every_steps or self.steps_per_epoch)
     self.metrics = MetricsWriter(self.workdir)
+    self.last_eval_totals: dict[str, np.ndarray] = {}  # the newest evaluation's counts
 
   # ------------------------------------------------------------ evaluation
   def evaluate(self, state, rng_state) -> dict[str, float]:
-    """Top-1 / top-5 on the evaluation split as fractions: ``eval/*`` and ``eval_ema/*``."""
-    batch = self.cfg.data.eval_batch or self.cfg.train.global_batch
-    totals: dict[str, int] = {}
-    for local in pipeline.eval_batches(
-        self.eval_source, self.eval_transform, image_size=self.cfg.data.image_size,
-        global_batch=batch, process=jax.process_index(), processes=jax.process_count(),
-        threads=self.cfg.data.threads):
-      arrays = [sharding.global_batch(self.program.mesh, local[k])
-                for k in ("image", "label", "valid", "unreadable")]
-      out = self.program.eval_step(state, rng_state, *arrays)
-      for k, v in out.items():
-        totals[k] = totals.get(k, 0) + int(v)
+    """The task's metrics on the evaluation split: ``eval/*`` and ``eval_ema/*``."""
+    totals = self._eval_totals(state, rng_state)
     count, unreadable = totals.pop("count"), totals.pop("unreadable")
     if count == 0:
       raise TrainingError("no evaluation image could be read")
-    result = {k: v / count for k, v in totals.items()}
+    result = {}
+    for prefix, counts in _by_prefix(totals).items():
+      result.update(self.task.metrics(counts, count, prefix))
     if unreadable:
       result["eval/unreadable_images"] = unreadable
+    self.last_eval_totals = totals
     return result
+
+  def _eval_totals(self, state, rng_state) -> dict[str, np.ndarray]:
+    """The eval step's counts summed over the split, exactly (int64 on the host)."""
+    batch = self.cfg.data.eval_batch or self.cfg.train.global_batch
+    totals: dict[str, np.ndarray] = {}
+    try:
+      for local in pipeline.eval_batches(
+          self.eval_source, self.eval_example, global_batch=batch,
+          process=jax.process_index(), processes=jax.process_count(),
+          threads=self.cfg.data.threads):
+        arrays = {k: sharding.global_batch(self.program.mesh, v) for k, v in local.items()}
+        for k, v in jax.device_get(self.program.eval_step(state, rng_state, arrays)).items():
+          totals[k] = totals.get(k, 0) + np.asarray(v, np.int64)
+    except ValueError as e:  # e.g. an image too large for the evaluation canvas
+      raise TrainingError(f"evaluation: {e}") from None
+    return totals
 
   # ------------------------------------------------------------ checkpoints
   def _restore(self):
@@ -409,29 +417,15 @@ class Trainer:
 
   # ------------------------------------------------------------------ init
   def initial_state(self):
-    """Sharded fresh state, with ``config.init_from`` weights loaded when given.
-
-    A checkpoint whose head has another class count (fine-tuning) loads everything
-    but the head, which keeps its fresh initialisation; any other mismatch is an error.
-    """
+    """Sharded fresh state, with ``config.init_from`` weights loaded when given (what
+    fits is the task's rule: ``Task.load_init``)."""
     program = self.program
     state, rng_state = program.init()
     if not self.cfg.init_from:
       return state, rng_state
-    from internimage_jax import convert
-
     model = program.merge(jax.device_get(state), jax.device_get(rng_state))
-    try:
-      report = convert.load_checkpoint(model, self.cfg.init_from, strict=False)
-    except (OSError, ValueError) as e:
-      raise TrainingError(f"config.init_from: {e}") from e
-    problems = [k for k in report.missing + report.unexpected
-                + [m.split(":")[0] for m in report.mismatched] if not k.startswith("head.")]
-    if problems:
-      raise TrainingError(f"config.init_from {self.cfg.init_from} does not fit the model: "
-                          + ", ".join(sorted(problems)[:20]))
-    if report.mismatched:
-      self._log(f"init_from: head re-initialised ({', '.join(report.mismatched)})")
+    for line in self.task.load_init(model, self.cfg.init_from):
+      self._log(line)
     state = dict(state, params=program.params_of(model),
                  batch_stats=nnx.state(model, nnx.BatchStat))
     if "ema_params" in state:
@@ -481,15 +475,16 @@ class Trainer:
     if cfg.mode == "eval":
       summary = self.evaluate(state, rng_state)
       self.metrics.write(int(state["step"]), summary)
-      self._log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+      self._log("\n".join(["eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())]
+                          + [line for prefix, counts in _by_prefix(self.last_eval_totals).items()
+                             for line in self.task.report(counts, prefix)]))
       return summary
     start = int(state["step"])
     self.metrics.start(start)
     mesh = self.program.mesh
     try:
       self._batches = pipeline.TrainIterator(
-          self.train_source, self.train_transform, image_size=cfg.data.image_size,
-          global_batch=cfg.train.global_batch, seed=cfg.seed, process=jax.process_index(),
+          self.train_source, self.train_example, global_batch=cfg.train.global_batch, seed=cfg.seed, process=jax.process_index(),
           processes=jax.process_count(), threads=cfg.data.threads, prefetch=cfg.data.prefetch,
           state=position)
     except ValueError as e:
@@ -503,8 +498,7 @@ class Trainer:
       self.checkpoints.check()  # a background save that failed stops the run here
       batch = next(self._batches)
       state, metrics = self.program.train_step(
-          state, rng_state, sharding.global_batch(mesh, batch["image"]),
-          sharding.global_batch(mesh, batch["label"]))
+          state, rng_state, {k: sharding.global_batch(mesh, v) for k, v in batch.items()})
       loss = float(metrics["loss"])
       done = step + 1
       if not bool(metrics["finite"]):
@@ -523,8 +517,9 @@ class Trainer:
         summary = self.evaluate(state, rng_state)
         self.metrics.write(done, summary)
         progress.note(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-        if best is None or summary["eval/top1"] > best[0]:
-          best = (summary["eval/top1"], done)
+        score = summary[self.task.primary_metric]
+        if best is None or score > best[0]:
+          best = (score, done)
       stop = preemption.reached()
       if stop or done == self.total_steps or self.checkpoints.due(done):
         if not self.program.all_finite(state):
@@ -554,8 +549,10 @@ class Trainer:
              f"({self.total_steps / self.steps_per_epoch:g} epochs of {self.steps_per_epoch} "
              f"steps, global batch {self.cfg.train.global_batch})",
              "  " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())]
+    for prefix, counts in _by_prefix(self.last_eval_totals).items():
+      lines += self.task.report(counts, prefix)
     if best is not None:
-      lines.append(f"  best eval/top1 {best[0]:.4f} at step {best[1]}")
+      lines.append(f"  best {self.task.primary_metric} {best[0]:.4f} at step {best[1]}")
     if self.total_steps > start:
       lines.append(f"  this run: {self.total_steps - start} steps in {seconds:.0f} s, "
                    f"{progress.mean_speed():.1f} images/s after the first step")

@@ -43,6 +43,11 @@ SEGMENTORS: dict[str, dict[str, Any]] = {
                                   level2_post_norm_block_ids=(5, 11, 17, 23, 29),
                                   center_feature_scale=True, **_SEG_COMMON),
 }
+# The training crop of each official ADE20K configuration (spec section 7); its test scale
+# is (4 crop, crop).
+CROP_SIZES = {"upernet_internimage_t": 512, "upernet_internimage_s": 512,
+              "upernet_internimage_b": 512, "upernet_internimage_l": 640,
+              "upernet_internimage_xl": 640, "upernet_internimage_h": 896}
 # Head options shared by every size (spec sections 3, 4, 7).
 DECODE_HEAD = dict(channels=512, pool_scales=(1, 2, 3, 6), dropout_ratio=0.1)
 AUXILIARY_HEAD = dict(channels=256, in_index=2, num_convs=1, kernel_size=3, dilation=1,
