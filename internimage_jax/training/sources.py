@@ -132,6 +132,38 @@ class ImageFolderSource:
     return Record(decode_image(path, path), int(self.labels[index]), path)
 
 
+def open_tfds(name: str, split: str, data_dir: str | None, keys: tuple[str, ...],
+              encoded: tuple[str, ...]):
+  """``(tfds.data_source, features)`` of a prepared tfds data set (array_record; TensorFlow
+  is not needed), with the ``encoded`` features left as bytes (decoded with Pillow by the
+  source, so a corrupt record is skipped, not fatal); a ``DataError`` naming the problem
+  when the set is not prepared, lacks one of ``keys`` or is empty."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError("tfds data sets need tensorflow-datasets: "
+                      "pip install tensorflow-datasets") from e
+  where = f" in {data_dir}" if data_dir else " (default tfds data_dir)"
+  try:
+    features = tfds.builder(name, data_dir=data_dir or None).info.features
+    data = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                            decoders={k: tfds.decode.SkipDecoding() for k in encoded
+                                      if k in features})
+  except Exception as e:  # tfds raises many types; all mean "not usable as configured"
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f"tfds data set {name!r} split {split!r}{where} is not available: "
+                    f"{first_line}. Prepare it first (tfds build {name}"
+                    f"{' --data_dir ' + data_dir if data_dir else ''}, in array_record "
+                    "format).") from None
+  for key in keys:
+    if key not in features:
+      raise DataError(f"tfds data set {name!r} has no feature {key!r} "
+                      f"(it has {', '.join(features)}); set config.data.image_key/label_key")
+  if len(data) == 0:
+    raise DataError(f"tfds data set {name!r} split {split!r}{where} is empty")
+  return data, features
+
+
 class TfdsSource:
   """A tfds data set read through ``tfds.data_source`` (array_record; TensorFlow is not
   needed). Images are decoded here with Pillow, so a corrupt record is skipped, not fatal."""
@@ -140,31 +172,10 @@ class TfdsSource:
 
   def __init__(self, name: str, split: str, data_dir: str | None = None,
                image_key: str = "image", label_key: str = "label"):
-    try:
-      import tensorflow_datasets as tfds
-    except ImportError as e:
-      raise ImportError("tfds data sets need tensorflow-datasets: "
-                        "pip install tensorflow-datasets") from e
-    where = f" in {data_dir}" if data_dir else " (default tfds data_dir)"
-    try:
-      builder = tfds.builder(name, data_dir=data_dir or None)
-      self._data = tfds.data_source(name, split=split, data_dir=data_dir or None,
-                                    decoders={image_key: tfds.decode.SkipDecoding()})
-    except Exception as e:  # tfds raises many types; all mean "not usable as configured"
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise DataError(f"tfds data set {name!r} split {split!r}{where} is not available: "
-                      f"{first_line}. Prepare it first (tfds build {name}"
-                      f"{' --data_dir ' + data_dir if data_dir else ''}, in array_record "
-                      "format).") from None
-    features = builder.info.features
-    for key in (image_key, label_key):
-      if key not in features:
-        raise DataError(f"tfds data set {name!r} has no feature {key!r} "
-                        f"(it has {', '.join(features)}); set config.data.image_key/label_key")
+    self._data, features = open_tfds(name, split, data_dir, (image_key, label_key),
+                                     encoded=(image_key,))
     self.num_classes = int(features[label_key].num_classes)
     self.name, self.image_key, self.label_key = name, image_key, label_key
-    if len(self._data) == 0:
-      raise DataError(f"tfds data set {name!r} split {split!r}{where} is empty")
 
   def __len__(self) -> int:
     return len(self._data)

@@ -24,7 +24,8 @@ from PIL import Image
 
 from internimage_jax.training.augment import IMAGENET_MEAN, IMAGENET_STD
 from internimage_jax.training.segmentation.transforms import IGNORE, resize_float
-from internimage_jax.training.sources import IMAGE_EXTENSIONS, DataError, Record, decode_image
+from internimage_jax.training.sources import (IMAGE_EXTENSIONS, DataError, Record, decode_image,
+                                             open_tfds)
 
 log = logging.getLogger(__name__)
 
@@ -145,30 +146,8 @@ class TfdsSegSource:
   def __init__(self, name: str = "scene_parse150", split: str = "train",
                data_dir: str | None = None, image_key: str = "image",
                label_key: str = "annotation", reduce_zero_label: bool = True):
-    try:
-      import tensorflow_datasets as tfds
-    except ImportError as e:
-      raise ImportError("tfds data sets need tensorflow-datasets: "
-                        "pip install tensorflow-datasets") from e
-    where = f" in {data_dir}" if data_dir else " (default tfds data_dir)"
-    try:
-      builder = tfds.builder(name, data_dir=data_dir or None)
-      features = builder.info.features
-      decoders = {k: tfds.decode.SkipDecoding() for k in (image_key, label_key) if k in features}
-      self._data = tfds.data_source(name, split=split, data_dir=data_dir or None,
-                                    decoders=decoders)
-    except Exception as e:  # tfds raises many types; all mean "not usable as configured"
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise DataError(f"tfds data set {name!r} split {split!r}{where} is not available: "
-                      f"{first_line}. Prepare it first (tfds build {name}"
-                      f"{' --data_dir ' + data_dir if data_dir else ''}, in array_record "
-                      "format).") from None
-    for key in (image_key, label_key):
-      if key not in features:
-        raise DataError(f"tfds data set {name!r} has no feature {key!r} "
-                        f"(it has {', '.join(features)}); set config.data.image_key/label_key")
-    if len(self._data) == 0:
-      raise DataError(f"tfds data set {name!r} split {split!r}{where} is empty")
+    self._data, _ = open_tfds(name, split, data_dir, (image_key, label_key),
+                              encoded=(image_key, label_key))
     self.name, self.image_key, self.label_key = name, image_key, label_key
     self.reduce_zero_label = reduce_zero_label
     self.class_names = _ade_names(reduce_zero_label)
