@@ -271,13 +271,21 @@ def _unwrap(obj: Any, use_ema: bool, path: Path) -> Mapping[str, Any]:
 
 
 def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, np.ndarray]:
-  """Reads an official-layout state dict from ``.pth``/``.bin``, ``.safetensors`` or ``.npz``.
+  """Reads an official-layout state dict from ``.pth``/``.bin``, ``.safetensors``, ``.npz``
+  or a train.py run (its workdir: the newest checkpoint; or ``WORKDIR/checkpoints/N``).
 
   ``.pth``/``.bin`` need torch and are read with ``weights_only=True``; the weights
   are unwrapped from ``model``, ``state_dict`` or ``module`` (or ``model_ema`` with
   ``use_ema``).
   """
   path = Path(path)
+  step = train_run_step(path) if path.is_dir() else None
+  if step is not None:
+    return _read_train_run(step, use_ema)
+  if path.is_dir():
+    raise FileNotFoundError(f"{path} is a directory but not an orbax checkpoint from "
+                            f"internimage_jax.convert (no '{STATE_DIR}/' inside) nor a "
+                            "train.py workdir (no model.json and checkpoints/)")
   if not path.is_file():
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   suffix = path.suffix.lower()
@@ -332,7 +340,66 @@ def _torch_load(torch, path: Path) -> Any:
 
 
 def _is_orbax_dir(path: Path) -> bool:
-  return path.is_dir() and (path / STATE_DIR).is_dir()
+  """A directory written by ``save_orbax`` (not a train.py checkpoint, which has a
+  ``state/`` too)."""
+  return path.is_dir() and (path / STATE_DIR).is_dir() and train_run_step(path) is None
+
+
+def train_run_step(path: str | os.PathLike) -> Path | None:
+  """The checkpoint of a train.py run that ``path`` names: its workdir (the newest
+  step) or one step directory (``WORKDIR/checkpoints/N``); None for any other path."""
+  path = Path(path)
+  if (path / MODEL_JSON).is_file() and (path / "checkpoints").is_dir():
+    # Orbax gives a step its number only once complete; damaged steps are moved away.
+    steps = [int(p.name) for p in (path / "checkpoints").iterdir()
+             if p.name.isdigit() and (p / STATE_DIR).is_dir()]
+    if not steps:
+      raise FileNotFoundError(f"train.py workdir {path} holds no complete checkpoint yet")
+    return path / "checkpoints" / str(max(steps))
+  if (path.name.isdigit() and path.parent.name == "checkpoints"
+      and (path / STATE_DIR).is_dir() and (path.parents[1] / MODEL_JSON).is_file()):
+    return path
+  return None
+
+
+def _read_train_run(step_dir: Path, use_ema: bool) -> dict[str, np.ndarray]:
+  """The official-layout state dict of a train.py checkpoint: the model named by the
+  run's ``model.json`` is built from shapes alone and only its parameters (``params``
+  or ``ema_params``) and BatchNorm statistics are read, not the optimizer's state."""
+  import orbax.checkpoint as ocp
+
+  from internimage_jax.training.tasks import TASKS
+
+  workdir = step_dir.parents[1]
+  meta = read_model_json(workdir)
+  try:
+    task = TASKS[meta.get("task", "classification")]()
+    model = nnx.eval_shape(lambda: task.create(meta["model"], meta["num_classes"],
+                                               meta.get("options", {}), rngs=nnx.Rngs(0)))
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointReadError(f"{workdir / MODEL_JSON} does not describe a model: "
+                              f"{first_line(e)}") from None
+  graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  shapes = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), tree)
+  key = "ema_params" if use_ema else "params"
+  try:
+    with ocp.PyTreeCheckpointer() as reader:
+      stored = reader.metadata(step_dir / STATE_DIR).item_metadata
+      if use_ema and key not in (stored.tree if hasattr(stored, "tree") else stored):
+        raise CheckpointMismatchError(f"{step_dir}: the run kept no EMA weights "
+                                      "(train.ema_decay was 0)")
+      item = {key: shapes(params), "batch_stats": shapes(stats)}
+      restored = reader.restore(step_dir / STATE_DIR, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+  except CheckpointMismatchError:
+    raise
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+    raise CheckpointReadError(f"cannot read train.py checkpoint {step_dir}: {describe(e)}"
+                              ) from None
+  return to_state_dict(nnx.merge(graphdef, restored[key], restored["batch_stats"], rest))
 
 
 def save_orbax(module: nnx.Module, directory: str | os.PathLike,
@@ -374,8 +441,21 @@ def save_orbax(module: nnx.Module, directory: str | os.PathLike,
 
 
 def read_model_json(directory: str | os.PathLike) -> dict[str, Any]:
-  path = Path(directory) / MODEL_JSON
+  """The ``model.json`` of a converted directory or a train.py workdir (or of the workdir
+  of a train.py step directory); ``{}`` if there is none."""
+  directory = Path(directory)
+  step = train_run_step(directory) if directory.is_dir() else None
+  path = (step.parents[1] if step is not None else directory) / MODEL_JSON
   return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_model_json(directory: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
+  """Writes ``metadata`` as ``directory/model.json``, whole or not at all."""
+  path = Path(directory) / MODEL_JSON
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(dict(metadata), indent=1, sort_keys=True))
+  os.replace(tmp, path)
+  return path
 
 
 def _load_orbax(module: nnx.Module, directory: Path) -> None:
@@ -420,9 +500,6 @@ def load_checkpoint(module: nnx.Module, path: str | os.PathLike, use_ema: bool =
                                     "convert with --use-ema to get the EMA weights")
     _load_orbax(module, path)
     return LoadReport([], [], [])
-  if path.is_dir():
-    raise FileNotFoundError(f"{path} is a directory but not an orbax checkpoint from "
-                            f"internimage_jax.convert (no '{STATE_DIR}/' inside)")
   return load_state_dict(module, read_state_dict(path, use_ema=use_ema), strict=strict)
 
 
@@ -472,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     if existing.exists() and not args.overwrite:  # before the (slow) reading
       raise FileExistsError(f"{out} exists; choose another output or pass --overwrite")
     source = Path(args.checkpoint)
-    metadata = read_model_json(source) if _is_orbax_dir(source) else {}
+    metadata = read_model_json(source) if source.is_dir() else {}
     state_dict = None if _is_orbax_dir(source) else read_state_dict(source, use_ema=args.use_ema)
     num_classes = args.num_classes
     if num_classes is None:

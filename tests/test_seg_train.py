@@ -5,6 +5,7 @@ backbone's initialisation, and the recipes' optimizer rules."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import signal
 import subprocess
 import sys
@@ -188,6 +189,49 @@ def test_a_classification_checkpoint_initialises_the_backbone(tmp_path):
     wide = models.create("internimage_t", num_classes=10, rngs=nnx.Rngs(1),
                          **dict(options, channels=8, groups=(1, 2, 2, 4)))
     task.load_init(seg, str(convert.save_safetensors(wide, tmp_path / "wide.safetensors")))
+
+
+def test_a_train_py_run_is_a_checkpoint(tmp_path):
+  """A run's workdir (its newest step) or one of its steps reads as an official-layout
+  state dict through the run's model.json: for init_from, predict and convert."""
+  from flax import nnx
+
+  from internimage_jax import convert, predict
+  from internimage_jax.training.segmentation.task import Segmentation
+
+  run = tmp_path / "classification"
+  run_quickstart(run, "--config.train.steps=4", "--config.checkpoint.every_steps=2",
+                 "--config.eval_every_steps=100")
+  assert json.loads((run / "model.json").read_text()) == {
+      "task": "classification", "model": "internimage_t", "num_classes": 10,
+      "options": {"channels": 16, "depths": [1, 1, 2, 1], "drop_path_rate": 0.05,
+                  "groups": [1, 2, 4, 8]}}
+  newest = convert.read_state_dict(run)
+  step4 = convert.read_state_dict(run / "checkpoints" / "4")
+  step2 = convert.read_state_dict(run / "checkpoints" / "2")
+  assert sorted(newest) == sorted(step4) == sorted(step2) and "head.weight" in newest
+  assert all(np.array_equal(newest[k], step4[k]) for k in newest)
+  assert not np.array_equal(step2["head.weight"], step4["head.weight"])
+  ema = convert.read_state_dict(run, use_ema=True)
+  assert not np.array_equal(ema["head.weight"], newest["head.weight"])
+  model = predict.load_model("internimage_t", run)  # options from the run's model.json
+  np.testing.assert_array_equal(np.asarray(model.head.kernel.get_value()).T,
+                                newest["head.weight"])
+  # init_from a run: the segmentation backbone starts from the classifier's backbone.
+  cfg = _seg_config("segmentation_quickstart")
+  task = Segmentation(cfg, num_classes=11)
+  seg = task.build_model(rngs=nnx.Rngs(0), dtype=None)
+  lines = task.load_init(seg, str(run))
+  assert lines[0] == f"init_from: backbone initialised from {run} (125 entries)"
+  np.testing.assert_array_equal(
+      convert.to_state_dict(seg.backbone)["patch_embed.conv1.weight"],
+      newest["patch_embed.conv1.weight"])
+  with pytest.raises(FileNotFoundError, match="not an orbax checkpoint .* nor a train.py workdir"):
+    convert.read_state_dict(tmp_path)
+  (run / "checkpoints" / "2").rename(tmp_path / "moved")
+  (run / "checkpoints" / "4").rename(tmp_path / "moved4")
+  with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+    convert.read_state_dict(run)
 
 
 def test_segmentation_config_errors_name_the_key():

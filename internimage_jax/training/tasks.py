@@ -49,9 +49,20 @@ class Task:
     raise NotImplementedError
 
   # ---------------------------------------------------------------- device
-  def build_model(self, **options) -> nnx.Module:
-    """The model, with the trainer's ``options`` (rngs, dtype, sharding, remat, kernels)."""
+  def model_options(self) -> dict[str, Any]:
+    """The config's options of the model (``create``'s ``options``); saved with the run
+    (``model.json``) so that its checkpoints can be read without the config."""
     raise NotImplementedError
+
+  @staticmethod
+  def create(name: str, num_classes: int, options: dict[str, Any], **runtime) -> nnx.Module:
+    """The model ``name`` with ``options`` and the trainer's ``runtime`` options (rngs,
+    dtype, sharding, remat, kernels)."""
+    raise NotImplementedError
+
+  def build_model(self, **runtime) -> nnx.Module:
+    """The run's model, with the trainer's ``runtime`` options."""
+    return self.create(self.cfg.model.name, self.num_classes, self.model_options(), **runtime)
 
   def batch_shapes(self, batch: int, train: bool) -> dict[str, tuple[tuple[int, ...], Any]]:
     """``name -> (shape, dtype)`` of a global batch as the pipeline delivers it."""
@@ -113,10 +124,12 @@ class Classification(Task):
     size = self.cfg.data.image_size
     return pipeline.Classify(augment.EvalTransform(size=size), size)
 
-  def build_model(self, **options) -> nnx.Module:
-    model = self.cfg.model
-    return models.create(model.name, num_classes=self.num_classes, **options,
-                         **model.overrides.to_dict())
+  def model_options(self):
+    return self.cfg.model.overrides.to_dict()
+
+  @staticmethod
+  def create(name, num_classes, options, **runtime):
+    return models.create(name, num_classes=num_classes, **runtime, **options)
 
   def batch_shapes(self, batch: int, train: bool):
     size = self.cfg.data.image_size

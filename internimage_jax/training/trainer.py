@@ -352,6 +352,7 @@ class Trainer:
     self.program = TrainProgram(cfg, data.num_classes, steps_per_epoch, data.mean, data.std,
                                 getattr(data, "class_names", None))
     self.task = self.program.task
+    self._write_model_json()
     self.steps_per_epoch, self.total_steps = self.program.steps_per_epoch, self.program.total_steps
     try:  # a bad augmentation option fails here, before anything is compiled
       self.train_example = self.task.train_example() if cfg.mode == "train" else None
@@ -364,6 +365,20 @@ class Trainer:
         every_steps=cfg.checkpoint.every_steps or self.steps_per_epoch)
     self.metrics = MetricsWriter(self.workdir)
     self.last_eval_totals: dict[str, np.ndarray] = {}  # the newest evaluation's counts
+
+  def _write_model_json(self) -> None:
+    """What builds the run's model (task, name, classes, options), beside the checkpoints,
+    so that ``init_from``, ``predict`` and ``convert`` read them without the config."""
+    if jax.process_index() != 0:
+      return
+    from internimage_jax import convert
+
+    metadata = {"task": self.task.name, "model": self.cfg.model.name,
+                "num_classes": self.program.num_classes, "options": self.task.model_options()}
+    try:
+      convert.write_model_json(self.workdir, metadata)
+    except OSError as e:
+      raise TrainingError(f"cannot write in --workdir {self.workdir}: {e.strerror}") from None
 
   # ------------------------------------------------------------ evaluation
   def evaluate(self, state, rng_state) -> dict[str, float]:

@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from ml_collections import ConfigDict
 
 from internimage_jax import models
@@ -105,13 +104,18 @@ class Segmentation(Task):
         label_canvas=tuple(ev.label_canvas), ratio=r) for r in ev.scales])
 
   # ---------------------------------------------------------------- device
-  def build_model(self, *, rngs, dtype, **backbone) -> nnx.Module:
+  def model_options(self):
     model = self.cfg.model
+    return {"backbone": model.overrides.to_dict(), "decode_head": model.decode_head.to_dict(),
+            "auxiliary_head": model.auxiliary_head.to_dict() if model.auxiliary else False}
+
+  @staticmethod
+  def create(name, num_classes, options, *, rngs=None, dtype=None, **backbone_runtime):
+    # The runtime options (sharding, remat, kernels) are the backbone's.
     return models.create_segmentor(
-        model.name, num_classes=self.num_classes, rngs=rngs, dtype=dtype,
-        backbone={**model.overrides.to_dict(), **backbone},
-        decode_head=model.decode_head.to_dict(),
-        auxiliary_head=model.auxiliary_head.to_dict() if model.auxiliary else False)
+        name, num_classes=num_classes, rngs=rngs, dtype=dtype,
+        backbone={**options.get("backbone", {}), **backbone_runtime},
+        decode_head=options.get("decode_head"), auxiliary_head=options.get("auxiliary_head"))
 
   def batch_shapes(self, batch: int, train: bool):
     size = self.cfg.data.image_size
@@ -171,7 +175,8 @@ class Segmentation(Task):
 
     from internimage_jax import convert
 
-    if Path(path).is_dir():  # a converted (orbax) directory of this very model
+    if Path(path).is_dir() and convert.train_run_step(path) is None:
+      # a converted (orbax) directory of this very model
       load_weights(model, path)
       return []
     try:
