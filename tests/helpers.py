@@ -104,6 +104,8 @@ def assert_rel_close(got, want, tol: float, name: str = "") -> None:
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = ["train.py", "--config", "configs/quickstart.py"]
 SEG_QUICKSTART = ["train.py", "--config", "configs/segmentation_quickstart.py"]
+# Its backbone from random weights: no classification run to depend on.
+SEG_SCRATCH = ["train.py", "--config", "configs/segmentation_quickstart.py:scratch"]
 
 
 # The train.py runs of the tests compile the same few programs again and again: JAX's
@@ -123,23 +125,28 @@ COLLECTIVE_PATIENCE = ("--xla_cpu_collective_call_terminate_timeout_seconds=600 
 QUICK_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def train_env(devices: int = 1, xla_flags: str = "", cache: bool = True) -> dict[str, str]:
+def train_env(devices: int = 1, xla_flags: str = "", cache: bool = True,
+              quick_codegen: bool = True) -> dict[str, str]:
   """The environment of a ``train.py`` subprocess with ``devices`` fake CPU devices.
-  ``cache=False`` for a process whose writes may fail (it would leave a cut entry)."""
-  flags = f"--xla_force_host_platform_device_count={devices} {QUICK_CODEGEN} {xla_flags}".strip()
-  env = dict(os.environ, XLA_FLAGS=flags)
+  ``cache=False`` for a process whose writes may fail (it would leave a cut entry);
+  ``quick_codegen=False`` for a run long enough that slower code costs more than the
+  compile time saved (hundreds of steps)."""
+  codegen = QUICK_CODEGEN if quick_codegen else ""
+  flags = f"--xla_force_host_platform_device_count={devices} {codegen} {xla_flags}"
+  env = dict(os.environ, XLA_FLAGS=" ".join(flags.split()))
   if cache:
     env["JAX_COMPILATION_CACHE_DIR"] = str(COMPILATION_CACHE)
   return env
 
 
 def run_quickstart(workdir, *overrides, devices: int = 1, check: bool = True,
-                   cache: bool = True, command=QUICKSTART, **kwargs):
+                   cache: bool = True, quick_codegen: bool = True, command=QUICKSTART,
+                   **kwargs):
   """``python train.py --config configs/quickstart.py --workdir WORKDIR OVERRIDES...``
   (``command``: another ``train.py --config ...``)."""
   proc = subprocess.run([sys.executable, *command, "--workdir", str(workdir), *overrides],
-                        cwd=REPO, env=train_env(devices, cache=cache), capture_output=True,
-                        text=True, check=False, **kwargs)
+                        cwd=REPO, env=train_env(devices, cache=cache, quick_codegen=quick_codegen),
+                        capture_output=True, text=True, check=False, **kwargs)
   if check:
     assert proc.returncode == 0, proc.stderr[-3000:]
   return proc

@@ -233,8 +233,11 @@ def test_digit_canvases():
     assert r.image.mode == "RGB" and r.image.size == (64, 64)
     assert r.label.dtype == np.uint8 and r.label.shape == (64, 64)
     seen |= set(np.unique(r.label).tolist())
-    digits = set(np.unique(r.label).tolist()) - {10, 255}
-    assert len(digits) <= 4 and (r.label != 10).any()  # one digit per cell of a 2 x 2 grid
+    for cell in (r.label[:32, :32], r.label[:32, 32:], r.label[32:, :32], r.label[32:, 32:]):
+      assert len(set(np.unique(cell).tolist()) - {10, 255}) == 1  # a digit per cell
+    pixels = np.asarray(r.image)
+    assert (pixels == pixels[..., :1]).all()  # grey: light digits on a dark canvas
+    assert pixels[r.label < 10, 0].mean() > pixels[r.label == 10, 0].mean() + 100
   assert {10, 255} <= seen and len(seen - {10, 255}) >= 5 and seen <= set(range(11)) | {255}
   again = seg_sources.DigitCanvasSource("train", size=64, length=20)
   np.testing.assert_array_equal(np.asarray(again[7].image), np.asarray(train[7].image))

@@ -189,7 +189,14 @@ def load_weights(module: nnx.Module, path: str, state_dict=None):
       return convert.load_state_dict(module, state_dict, strict=False)
     return convert.load_checkpoint(module, path, strict=False)
   except (OSError, ValueError) as e:
-    raise TrainingError(f"config.init_from: {e}") from e
+    raise init_from_error(e) from e
+
+
+def init_from_error(e: Exception) -> TrainingError:
+  """A ``config.init_from`` read error as the one line a user sees."""
+  hint = ("; --config.init_from='' starts from random weights"
+          if isinstance(e, FileNotFoundError) else "")
+  return TrainingError(f"config.init_from: {e}{hint}")
 
 
 def _segmentation() -> type[Task]:

@@ -18,7 +18,7 @@ from internimage_jax.training import batch_augment, optim
 from internimage_jax.training.segmentation import sources, transforms
 from internimage_jax.training.sources import Record
 from internimage_jax.training.errors import TrainingError
-from internimage_jax.training.tasks import Task, load_weights
+from internimage_jax.training.tasks import Task, init_from_error, load_weights
 
 
 class _TrainExample:
@@ -182,7 +182,7 @@ class Segmentation(Task):
     try:
       state_dict = convert.read_state_dict(path)
     except (OSError, ValueError) as e:
-      raise TrainingError(f"config.init_from: {e}") from e
+      raise init_from_error(e) from e
     if any(k.startswith(_SEGMENTOR_PARTS) for k in state_dict):
       report = load_weights(model, path, state_dict)
       problems = report.missing + report.unexpected + [
