@@ -282,6 +282,8 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
   step = train_run_step(path) if path.is_dir() else None
   if step is not None:
     return _read_train_run(step, use_ema)
+  if _is_orbax_dir(path):
+    return _read_converted(path, use_ema)
   if path.is_dir():
     raise FileNotFoundError(f"{path} is a directory but not an orbax checkpoint from "
                             f"internimage_jax.convert (no '{STATE_DIR}/' inside) nor a "
@@ -400,6 +402,27 @@ def _read_train_run(step_dir: Path, use_ema: bool) -> dict[str, np.ndarray]:
     raise CheckpointReadError(f"cannot read train.py checkpoint {step_dir}: {describe(e)}"
                               ) from None
   return to_state_dict(nnx.merge(graphdef, restored[key], restored["batch_stats"], rest))
+
+
+def _read_converted(directory: Path, use_ema: bool) -> dict[str, np.ndarray]:
+  """The state dict of a ``save_orbax`` directory, through the model its ``model.json``
+  names (built from shapes)."""
+  from internimage_jax import models
+
+  if use_ema:
+    raise CheckpointMismatchError(f"{directory}: converted checkpoints hold one set of "
+                                  "weights; convert with --use-ema to get the EMA weights")
+  meta = read_model_json(directory)
+  try:
+    model = nnx.eval_shape(lambda: models.create(
+        meta["model"], num_classes=meta.get("num_classes", 1000), rngs=nnx.Rngs(0),
+        **meta.get("options", {})))
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointReadError(f"{directory}: no {MODEL_JSON} that describes its model "
+                              f"({first_line(e)}); load it with load_checkpoint into a "
+                              "model built with its options") from None
+  _load_orbax(model, directory)
+  return to_state_dict(model)
 
 
 def save_orbax(module: nnx.Module, directory: str | os.PathLike,

@@ -86,12 +86,14 @@ def _normalise(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def load_model(model_name: str, checkpoint: str | Path, num_classes: int | None = None,
                use_ema: bool = False):
-  """Builds ``model_name`` (options from the checkpoint's ``model.json``) and loads it."""
-  from internimage_jax import convert, models
+  """Builds ``model_name`` (options from the checkpoint's ``model.json``) and loads it;
+  ``checkpoint`` is a path or a published tag (``"in1k"``, ``internimage_jax.pretrained``)."""
+  from internimage_jax import convert, models, pretrained
 
+  checkpoint, entry = pretrained.resolve(checkpoint, model_name)
   metadata = convert.read_model_json(checkpoint) if Path(checkpoint).is_dir() else {}
   if num_classes is None:
-    num_classes = metadata.get("num_classes", 1000)
+    num_classes = metadata.get("num_classes", entry.num_classes if entry else 1000)
   model = models.create(model_name, num_classes=num_classes, **metadata.get("options", {}))
   convert.load_checkpoint(model, checkpoint, use_ema=use_ema)
   model.eval()
@@ -146,11 +148,12 @@ def load_segmentor(model_name: str, checkpoint: str | Path, num_classes: int | N
   (``{"model", "num_classes", "options": {"backbone", "decode_head", "auxiliary_head"}}``,
   the keyword arguments of ``create_segmentor``) gives a non-official size; otherwise the
   official configuration with ``num_classes`` (default 150, ADE20K)."""
-  from internimage_jax import convert
+  from internimage_jax import convert, pretrained
   from internimage_jax.models.segmentation import create_segmentor
   from internimage_jax.models.segmentation.segmentor import segmentor_options
 
   segmentor_options(model_name)  # a clear error for an unknown name
+  checkpoint, _ = pretrained.resolve(checkpoint, model_name.removeprefix("upernet_"))
   if not Path(checkpoint).exists():  # before building a model of up to a billion parameters
     raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
   metadata = convert.read_model_json(checkpoint) if Path(checkpoint).is_dir() else {}
@@ -319,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                       default="classification")
   parser.add_argument("--model", required=True,
                       help="variant, e.g. internimage_t (or upernet_internimage_t)")
-  parser.add_argument("--checkpoint", required=True, help="orbax directory or weights file")
+  parser.add_argument("--checkpoint", required=True,
+                      help="weights file, orbax directory, train.py workdir, or a published "
+                           "tag (in1k, 22kto1k, ade20k, ...)")
   parser.add_argument("--num-classes", type=int, default=None,
                       help="classes of a weights file (default: model.json, else 1000 / 150)")
   parser.add_argument("--use-ema", action="store_true", help="EMA weights of a .pth file")

@@ -86,6 +86,53 @@ def test_variant_structure_matches_the_spec():
     models.create("internimage_x")
 
 
+# The paper's Table 1: (C1, C', L1, L3) per size.
+PAPER_TABLE_1 = {"internimage_t": (64, 16, 4, 18), "internimage_s": (80, 16, 4, 21),
+                 "internimage_b": (112, 16, 4, 21), "internimage_l": (160, 16, 5, 22),
+                 "internimage_xl": (192, 16, 5, 24), "internimage_h": (320, 32, 6, 32)}
+# What scale(T's layout, phi) gives at each size's width: the published depths depart.
+SCALED_DEPTHS = {"internimage_t": (4, 4, 18, 4), "internimage_s": (4, 4, 20, 4),
+                 "internimage_b": (5, 5, 20, 5), "internimage_l": (5, 5, 24, 5),
+                 "internimage_xl": (5, 5, 26, 5), "internimage_h": (6, 6, 29, 6)}
+
+
+def test_the_papers_stacking_and_scaling_rules():
+  import math
+
+  from internimage_jax.models import design
+
+  for name, (c1, c_group, l1, l3) in PAPER_TABLE_1.items():
+    published = models.VARIANTS[name]
+    rule = models.stacking_rule(c1, c_group, l1, l3)
+    assert (rule["channels"], rule["depths"], rule["groups"]) == (
+        published["channels"], published["depths"], published["groups"]), name
+    assert design.rule_parameters(published) == (c1, c_group, l1, l3)
+    # Scaled from the origin (T's layout with this size's C') to this width: the widths
+    # and groups are the published ones, the depths those of SCALED_DEPTHS.
+    phi = math.log(c1 / 64) / math.log(design.BETA)
+    scaled = models.scale(models.stacking_rule(64, c_group, 4, 18), phi)
+    assert (scaled["channels"], scaled["groups"]) == (c1, published["groups"]), name
+    assert scaled["depths"] == SCALED_DEPTHS[name], name
+  with pytest.raises(ValueError, match=r"do not follow the stacking rules: depths \(2, 2, 48, 4\)"):
+    design.rule_parameters(models.VARIANTS["internimage_g"])  # L1 = L2 = L4 broken
+  # Other options are kept; a model of a scaled layout builds (abstractly: shapes only).
+  scaled = models.scale(models.VARIANTS["internimage_s"], 1.0)
+  assert scaled["post_norm"] and scaled["layer_scale"] == 1e-5 and scaled["channels"] == 112
+  net = nnx.eval_shape(lambda: models.InternImage(**scaled, rngs=nnx.Rngs(0)))
+  assert [level.blocks.norm1.scale.shape for level in net.levels] == [
+      (4, 112), (4, 224), (24, 448), (4, 896)]  # L1 round(4.36), D' round(33 x 1.09) = 36
+  for call, match in ((lambda: models.stacking_rule(60, 16, 4, 18), "divisible by c_group"),
+                      (lambda: models.stacking_rule(64, 16, 5, 4), "must not exceed l3"),
+                      (lambda: models.stacking_rule(64, 16, 4.0, 18), "l1 must be a positive"),
+                      (lambda: models.stacking_rule(64, 0, 4, 18), "c_group must be a positive"),
+                      (lambda: models.scale(models.VARIANTS["internimage_t"], -1), "phi must be"),
+                      (lambda: models.scale(models.VARIANTS["internimage_t"], 1, alpha=0.9),
+                       "alpha and beta must be >= 1"),
+                      (lambda: models.scale({"channels": 64}, 1), "'depths' is missing")):
+    with pytest.raises(ValueError, match=match):
+      call()
+
+
 def test_kernel_shape_table_agrees_with_the_variants():
   """pallas_kernels keeps its own table of the real-model operator shapes (it imports
   nothing from the model package): it must say what the variants say."""

@@ -329,7 +329,9 @@ def test_bad_options_and_inputs():
   with pytest.raises(ValueError, match="not an option of the segmentation backbone"):
     models.create_segmentor(backbone=dict(MINI_BACKBONE, num_classes=10))
   with pytest.raises(ValueError, match="features_only has no classification head"):
-    models.create("internimage_t", features_only=True)  # 1000 classes by default
+    models.create("internimage_t", features_only=True, num_classes=10)
+  backbone = nnx.eval_shape(lambda: models.create("internimage_h", features_only=True))
+  assert backbone.num_classes == 0 and not backbone.use_clip_projector  # no classifier
   with pytest.raises(ValueError, match="num_classes must be >= 1"):
     models.UperHead(in_channels=[4, 8], channels=4, num_classes=0, **kw)
   with pytest.raises(ValueError, match="align_corners"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 from flax import nnx
@@ -44,14 +46,42 @@ def variant_options(name: str) -> dict[str, Any]:
   return dict(VARIANTS[name])
 
 
-def create(name: str, *, num_classes: int = 1000, rngs: nnx.Rngs | None = None,
-           **overrides: Any) -> InternImage:
+def create(name: str, *, num_classes: int | None = None, rngs: nnx.Rngs | None = None,
+           pretrained: str | os.PathLike | None = None, **overrides: Any) -> InternImage:
   """Builds an official variant (``"internimage_t"`` ... ``"internimage_g"``).
 
   ``overrides`` replace any constructor option (e.g. ``drop_path_rate=0.1``,
-  ``dtype=jnp.bfloat16``); ``rngs`` defaults to ``nnx.Rngs(0)``.
+  ``dtype=jnp.bfloat16``); ``rngs`` defaults to ``nnx.Rngs(0)``. ``pretrained`` loads
+  weights: a published checkpoint by tag (``"in1k"``, ``"in22k"``, ``"22kto1k"``, or
+  ``"ade20k"`` for the backbone of the UperNet; ``internimage_jax.pretrained.PUBLISHED``)
+  or a checkpoint path. ``num_classes`` defaults to the checkpoint's head (1000 without
+  one); a head of another size, or none in the checkpoint, starts afresh (a warning
+  names it).
   """
   options = variant_options(name)
+  state_dict = None
+  if pretrained is not None:
+    from internimage_jax import pretrained as hub
+
+    state_dict, entry = hub.read(pretrained, name)
+    if entry is not None and entry.holds == "segmentor":  # the backbone's options there
+      from internimage_jax.models.segmentation.segmentor import segmentor_options
+
+      options = {k: v for k, v in segmentor_options(f"upernet_{name}").items()
+                 if k != "drop_path_rate"}
   options.update(overrides)
-  return InternImage(num_classes=num_classes, rngs=rngs if rngs is not None else nnx.Rngs(0),
-                     **options)
+  if options.get("features_only"):  # a backbone: no classifier, no CLIP projector
+    num_classes = 0 if num_classes is None else num_classes
+    if "use_clip_projector" not in overrides:
+      options["use_clip_projector"] = False
+  elif num_classes is None and state_dict is not None and "head.weight" in state_dict:
+    num_classes = int(state_dict["head.weight"].shape[0])
+  model = InternImage(num_classes=1000 if num_classes is None else num_classes,
+                      rngs=rngs if rngs is not None else nnx.Rngs(0), **options)
+  if state_dict is not None:
+    fresh = hub.load_backbone_or_classifier(model, state_dict, f"pretrained {pretrained!r}")
+    if fresh:
+      warnings.warn(f"create({name!r}, pretrained={pretrained!r}): the checkpoint has no "
+                    f"classifier of this shape; newly initialised: {', '.join(fresh)}",
+                    stacklevel=2)
+  return model

@@ -91,6 +91,17 @@ class Task:
     """Official-name prefix -> LR ratio of ``config.train.layer_decay``."""
     raise NotImplementedError
 
+  def init_path(self, init_from: str) -> str:
+    """The local file of ``config.init_from``: a path, or a published tag of the model's
+    backbone (``in1k``, ``in22k``, ...: downloaded once, ``internimage_jax.pretrained``)."""
+    from internimage_jax import pretrained
+
+    try:
+      path, _ = pretrained.resolve(init_from, self.cfg.model.name.removeprefix("upernet_"))
+    except (OSError, ValueError) as e:
+      raise init_from_error(e) from e
+    return str(path)
+
   def load_init(self, model: nnx.Module, path: str) -> list[str]:
     """Loads ``config.init_from`` into ``model`` in place; returns what to tell the user.
     Raises ``TrainingError`` when the file cannot be read or does not fit."""

@@ -439,7 +439,7 @@ class Trainer:
     if not self.cfg.init_from:
       return state, rng_state
     model = program.merge(jax.device_get(state), jax.device_get(rng_state))
-    for line in self.task.load_init(model, self.cfg.init_from):
+    for line in self.task.load_init(model, self.task.init_path(self.cfg.init_from)):
       self._log(line)
     state = dict(state, params=program.params_of(model),
                  batch_stats=nnx.state(model, nnx.BatchStat))

@@ -172,7 +172,8 @@ def images_per_chunk(batch: int, out_h: int, out_w: int, group: int) -> int:
   batch is sharded, and a sequential map over batch chunks would make XLA gather
   each chunk from the devices holding it; accelerators want the whole batch at once.
   """
-  if jax.default_backend() != "cpu" or jax.device_count() > 1:
+  if (jax.default_backend() != "cpu" or jax.device_count() > 1
+      or not isinstance(batch, int)):  # a symbolic batch (jax.export) has no divisors
     return batch
   limit = max(1, _CHUNK_ROWS // (out_h * out_w * group))
   return max(d for d in range(1, batch + 1) if batch % d == 0 and d <= limit)

@@ -4,6 +4,8 @@ training loss."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,15 +127,28 @@ def create_segmentor(name: str = "upernet_internimage_t", *, num_classes: int = 
                      rngs: nnx.Rngs | None = None, backbone: Mapping[str, Any] | None = None,
                      decode_head: Mapping[str, Any] | None = None,
                      auxiliary_head: Mapping[str, Any] | bool | None = None,
-                     dtype: Dtype = None, param_dtype: Dtype = jnp.float32) -> Segmentor:
+                     dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
+                     pretrained: str | os.PathLike | None = None) -> Segmentor:
   """Builds an official ADE20K UperNet (``"upernet_internimage_t"`` ... ``"_h"``).
 
   ``backbone``, ``decode_head`` and ``auxiliary_head`` are dicts overriding the
   constructor options of :class:`InternImage`, :class:`UperHead` and :class:`FCNHead`
   (``auxiliary_head=False`` leaves the auxiliary head out). The heads' input channels
   follow the backbone; ``dtype``/``param_dtype`` apply to all three parts unless
-  overridden; ``rngs`` defaults to ``nnx.Rngs(0)``.
+  overridden; ``rngs`` defaults to ``nnx.Rngs(0)``. ``pretrained`` loads a whole UperNet
+  checkpoint: the published one by tag (``"ade20k"``) or a path; classifiers of another
+  ``num_classes`` start afresh (a warning names them). To start only the backbone from
+  a classification checkpoint, use train.py's ``init_from``.
   """
+  state_dict = None
+  if pretrained is not None:
+    from internimage_jax import pretrained as hub
+
+    state_dict, entry = hub.read(pretrained, name.removeprefix("upernet_"))
+    if entry is not None and entry.holds != "segmentor":
+      raise ValueError(f"create_segmentor: pretrained {pretrained!r} is a classification "
+                       "checkpoint; 'ade20k' is the UperNet's (train.py's init_from starts "
+                       "a backbone from a classifier)")
   rngs = rngs if rngs is not None else nnx.Rngs(0)
   for part, value in (("backbone", backbone), ("decode_head", decode_head)):
     if value is not None and not isinstance(value, Mapping):
@@ -163,7 +178,13 @@ def create_segmentor(name: str = "upernet_internimage_t", *, num_classes: int = 
     if not 0 <= index < len(maps):
       raise ValueError(f"create_segmentor: auxiliary in_index must be in [0, 4), got {index}")
     aux = FCNHead(**options, in_channels=maps[index])
-  return Segmentor(net, head, aux)
+  seg = Segmentor(net, head, aux)
+  if state_dict is not None:
+    fresh = hub.load_segmentor(seg, state_dict, f"pretrained {pretrained!r}")
+    if fresh:
+      warnings.warn(f"create_segmentor({name!r}, pretrained={pretrained!r}): newly "
+                    f"initialised (another class count): {', '.join(fresh)}", stacklevel=2)
+  return seg
 
 
 __all__ = ["AUX_LOSS_WEIGHT", "IGNORE_INDEX", "SEGMENTORS", "Segmentor", "create_segmentor",

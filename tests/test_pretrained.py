@@ -1,0 +1,146 @@
+"""Published weights by name (``pretrained=``), offline: a Hugging Face cache laid out as
+``hf_hub_download`` leaves it, made from the golden checkpoints; verified and converted
+once; the errors a user meets. No test downloads anything."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import MINI_T, require_golden
+from internimage_jax import convert, models
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SEG_OPTIONS = dict(num_classes=7, backbone=dict(MINI_T, drop_path_rate=0.0),
+                   decode_head=dict(channels=32), auxiliary_head=dict(channels=16))
+
+
+def _hub_cache(cache: Path, files: dict[str, Path]) -> Path:
+  """``files`` (hub name -> local file) in the cache of ``OpenGVLab/InternImage`` at one
+  commit, as the hub library stores them: blobs named by their SHA-256, the snapshot's
+  links to them, ``refs/main``. Returns the snapshot directory."""
+  repo = cache / "models--OpenGVLab--InternImage"
+  snapshot = repo / "snapshots" / COMMIT
+  for folder in (repo / "refs", repo / "blobs", snapshot):
+    folder.mkdir(parents=True)
+  (repo / "refs" / "main").write_text(COMMIT)
+  for name, source in files.items():
+    data = source.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    (repo / "blobs" / sha).write_bytes(data)
+    (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / sha)
+  return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+  """An empty hub cache, offline (``HF_HUB_OFFLINE=1``), and an empty weights folder."""
+  from huggingface_hub import constants
+
+  cache = tmp_path / "hub"
+  for env, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", str(cache)),
+                     ("INTERNIMAGE_JAX_WEIGHTS", str(tmp_path / "weights"))):
+    monkeypatch.setenv(env, value)
+  # The hub library reads its environment once, at import.
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+  return cache
+
+
+def _assert_same_weights(module, state_dict):
+  got = convert.to_state_dict(module)
+  for key, value in state_dict.items():
+    if key in got:
+      np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_published_weights_load_by_name_from_the_hub_cache(offline_hub, monkeypatch,
+                                                           tmp_path):
+  golden = require_golden()
+  snapshot = _hub_cache(offline_hub, {
+      "internimage_t_1k_224.pth": golden / "model_mini_t.pth",
+      "upernet_internimage_t_512_160k_ade20k.pth": golden / "seg_mini_t.pth"})
+  classifier = convert.read_state_dict(golden / "model_mini_t.pth")
+  segmentor = convert.read_state_dict(golden / "seg_mini_t.pth")
+
+  model = models.create("internimage_t", pretrained="in1k", **MINI_T)
+  assert model.num_classes == 10  # the checkpoint's head
+  _assert_same_weights(model, classifier)
+  assert (snapshot / "internimage_t_1k_224.pth.safetensors").is_file()  # converted once
+  with pytest.warns(UserWarning, match=r"newly initialised: head\.bias, head\.weight"):
+    five = models.create("internimage_t", pretrained="in1k", num_classes=5, **MINI_T)
+  assert five.num_classes == 5
+  backbone = models.create("internimage_t", pretrained="in1k", features_only=True, **MINI_T)
+  _assert_same_weights(backbone, classifier)
+
+  # The UperNet checkpoint: whole, or its backbone (with the segmentor's backbone options).
+  seg = models.create_segmentor("upernet_internimage_t", pretrained="ade20k", **SEG_OPTIONS)
+  _assert_same_weights(seg, segmentor)
+  seg_backbone = models.create("internimage_t", pretrained="ade20k", features_only=True,
+                               **MINI_T)
+  _assert_same_weights(seg_backbone, {k[len("backbone."):]: v for k, v in segmentor.items()
+                                      if k.startswith("backbone.")})
+
+  # train.py's init_from takes a tag of the run's backbone too.
+  from ml_collections import ConfigDict
+
+  from internimage_jax.training.segmentation.task import Segmentation
+  from internimage_jax.training.tasks import Classification
+
+  copy = snapshot / "internimage_t_1k_224.pth.safetensors"
+  for task, name in ((Classification, "internimage_t"), (Segmentation, "upernet_internimage_t")):
+    cfg = ConfigDict(dict(model=dict(name=name)))
+    assert task(cfg, num_classes=3).init_path("in1k") == str(copy)
+    assert task(cfg, num_classes=3).init_path("/some/file.pth") == "/some/file.pth"
+
+  # Later loads read the converted copy: no torch needed.
+  monkeypatch.setitem(sys.modules, "torch", None)
+  _assert_same_weights(models.create("internimage_t", pretrained="in1k", **MINI_T), classifier)
+  # A path is a checkpoint as it is: a file, or a converted directory (via its model.json).
+  _assert_same_weights(models.create("internimage_t", pretrained=copy, **MINI_T), classifier)
+  converted = convert.save_orbax(model, tmp_path / "converted", {
+      "model": "internimage_t", "num_classes": 10, "options": MINI_T})
+  _assert_same_weights(models.create("internimage_t", pretrained=converted, **MINI_T),
+                       classifier)
+
+
+def test_published_weights_errors_name_the_fix(offline_hub, tmp_path):
+  golden = require_golden()
+  snapshot = _hub_cache(offline_hub, {"internimage_b_1k_224.pth": golden / "model_mini_t.pth"})
+
+  with pytest.raises(FileNotFoundError) as missing:
+    models.create("internimage_s", pretrained="in1k")
+  message = str(missing.value)
+  placed = tmp_path / "weights" / "internimage_s_1k_224.pth"
+  assert "\n" not in message and "Hugging Face repository OpenGVLab/InternImage" in message
+  assert f"place it at {placed}" in message and "internimage_s_1k_224.pth" in message
+  assert ("https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_s_1k_224.pth"
+          in message)
+  # A copy placed there by hand serves (here the mini T, loaded as T with its options).
+  placed.parent.mkdir()
+  shutil.copy(golden / "model_mini_t.pth", tmp_path / "weights" / "internimage_t_1k_224.pth")
+  models.create("internimage_t", pretrained="in1k", **MINI_T)
+
+  blob = (snapshot / "internimage_b_1k_224.pth").resolve()
+  damaged = bytearray(blob.read_bytes())
+  damaged[len(damaged) // 2] ^= 0xFF
+  blob.write_bytes(bytes(damaged))
+  with pytest.raises(OSError, match=r"internimage_b_1k_224.pth in the Hugging Face cache is "
+                                    r"corrupt .* delete .* to download it anew"):
+    models.create("internimage_b", pretrained="in1k", **MINI_T)
+
+  with pytest.raises(ValueError, match=r"no published weights 'in22k' for internimage_t; "
+                                       r"choose one of \['ade20k', 'in1k'\]"):
+    models.create("internimage_t", pretrained="in22k")
+  with pytest.raises(ValueError, match="is a classification checkpoint"):
+    models.create_segmentor("upernet_internimage_t", pretrained="in1k", **SEG_OPTIONS)
+  # Weights of another size: the backbone's mismatches, named.
+  with pytest.raises(convert.CheckpointMismatchError, match=r"does not fit InternImage:\n"
+                                                            r"  shape mismatch"):
+    models.create("internimage_t", pretrained=golden / "model_mini_t.pth",
+                  **dict(MINI_T, channels=32, groups=(2, 4, 8, 16)))
