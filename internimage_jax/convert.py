@@ -414,9 +414,14 @@ def _read_converted(directory: Path, use_ema: bool) -> dict[str, np.ndarray]:
                                   "weights; convert with --use-ema to get the EMA weights")
   meta = read_model_json(directory)
   try:
-    model = nnx.eval_shape(lambda: models.create(
-        meta["model"], num_classes=meta.get("num_classes", 1000), rngs=nnx.Rngs(0),
-        **meta.get("options", {})))
+    name, options = meta["model"], meta.get("options", {})
+    if name.startswith("upernet_"):
+      build = lambda: models.create_segmentor(  # noqa: E731
+          name, num_classes=meta.get("num_classes", 150), rngs=nnx.Rngs(0), **options)
+    else:
+      build = lambda: models.create(  # noqa: E731
+          name, num_classes=meta.get("num_classes"), rngs=nnx.Rngs(0), **options)
+    model = nnx.eval_shape(build)
   except (KeyError, TypeError, ValueError) as e:
     raise CheckpointReadError(f"{directory}: no {MODEL_JSON} that describes its model "
                               f"({first_line(e)}); load it with load_checkpoint into a "

@@ -10,6 +10,12 @@ e.g. ``predict.preprocess`` without its normalisation) and returns float32 logit
 :func:`load` runs it with JAX alone, without this package's model code. ``--batch
 dynamic`` exports a symbolic batch dimension. ``DIR`` holds ``model.stablehlo`` (the
 serialized ``jax.export.Exported``) and ``export.json`` (what it was made from).
+
+DCNv3 runs as the XLA fallback on every platform (a Pallas kernel lowers for one platform
+only). The weights are constants of the program, which one serialized program holds up
+to 2 GiB: T to XL in float32 (XL 1.35 GB), not H or G. A fixed batch exported on a CPU
+host keeps the CPU's chunking of the batch in the fallback on every platform (correct;
+``--batch dynamic`` has none).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,8 @@ FORMATS = ("stablehlo",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PLATFORMS = ("cpu", "cuda", "tpu")
 PROGRAM, METADATA = "model.stablehlo", "export.json"
+# The program carries its weights as constants; jax.export serializes to a flatbuffer.
+MAX_EMBEDDED_BYTES = 2**31 - 2**26
 
 
 def parse_batch(batch: str | int) -> int | None:
@@ -56,8 +65,15 @@ def export_classifier(model: nnx.Module, *, image_size: int, batch: int | None =
     raise ValueError(f"platforms must be among {PLATFORMS}, got {list(platforms)}")
   if image_size < 32 or image_size % 32:
     raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
+  if getattr(model, "features_only", False):
+    raise ValueError("export: a features_only backbone has no logits to serve")
   model.eval()
   graphdef, state = nnx.split(model)
+  size = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+  if size >= MAX_EMBEDDED_BYTES:
+    raise ValueError(f"export: the weights ({size / 1e9:.2f} GB) do not fit in one "
+                     "serialized program (2 GiB at most, a flatbuffers limit); --dtype "
+                     "bfloat16 halves them")
 
   def serve(images: jax.Array) -> jax.Array:
     # The weights become the program's constants; the copy's variables belong to this
@@ -128,9 +144,27 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(options, dict):
       raise ValueError("--options must be a JSON object")
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
-    image_size = args.image_size or models.IMAGE_SIZES.get(args.model, 224)
-    model = models.create(args.model, num_classes=args.num_classes,
-                          pretrained=args.checkpoint, dtype=DTYPES[args.dtype], **options)
+    if options.get("features_only"):
+      raise ValueError("--options: a features_only backbone has no logits to serve")
+    from internimage_jax import pretrained
+
+    entry = (None if pretrained.is_path(args.checkpoint)
+             else pretrained.PUBLISHED.get(args.model, {}).get(args.checkpoint))
+    image_size = args.image_size
+    if image_size is None:
+      image_size = entry.image_size if entry else models.IMAGE_SIZES.get(args.model, 224)
+    dtype = DTYPES[args.dtype]
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      # The XLA fallback: one program that lowers for every platform (Pallas kernels
+      # lower for one platform only).
+      model = models.create(args.model, num_classes=args.num_classes,
+                            pretrained=args.checkpoint, dtype=dtype, param_dtype=dtype,
+                            **{"implementation": "xla", **options})
+    fresh = [str(w.message) for w in caught if "newly initialised" in str(w.message)]
+    if fresh:
+      raise ValueError(f"{fresh[0]}: an exported classifier must be trained (check "
+                       "--checkpoint and --num-classes)")
     exported = export_classifier(model, image_size=image_size, batch=batch,
                                  platforms=platforms)
     out = save(exported, args.out, {

@@ -90,6 +90,12 @@ def load_model(model_name: str, checkpoint: str | Path, num_classes: int | None 
   ``checkpoint`` is a path or a published tag (``"in1k"``, ``internimage_jax.pretrained``)."""
   from internimage_jax import convert, models, pretrained
 
+  if use_ema and not pretrained.is_path(checkpoint):
+    raise ValueError("--use-ema reads the EMA copy of a .pth file; pass its path")
+  entry = pretrained.entry_of(checkpoint, model_name)
+  if entry is not None and entry.holds != "classifier":
+    raise ValueError(f"{entry.filename} is a {entry.holds}'s checkpoint; pass --task "
+                     "segmentation and the upernet_ model")
   checkpoint, entry = pretrained.resolve(checkpoint, model_name)
   metadata = convert.read_model_json(checkpoint) if Path(checkpoint).is_dir() else {}
   if num_classes is None:
@@ -153,6 +159,10 @@ def load_segmentor(model_name: str, checkpoint: str | Path, num_classes: int | N
   from internimage_jax.models.segmentation.segmentor import segmentor_options
 
   segmentor_options(model_name)  # a clear error for an unknown name
+  entry = pretrained.entry_of(checkpoint, model_name.removeprefix("upernet_"))
+  if entry is not None and entry.holds != "segmentor":
+    raise ValueError(f"{entry.filename} is a classification checkpoint; the UperNet's "
+                     "is 'ade20k'")
   checkpoint, _ = pretrained.resolve(checkpoint, model_name.removeprefix("upernet_"))
   if not Path(checkpoint).exists():  # before building a model of up to a billion parameters
     raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -356,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
   except (OSError, ValueError, ImportError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 1
-  size = args.image_size or IMAGE_SIZES[args.model]
+  from internimage_jax.pretrained import entry_of
+
+  entry = entry_of(args.checkpoint, args.model)  # a tag's own resolution (H in22k: 384)
+  size = args.image_size or (entry.image_size if entry else IMAGE_SIZES[args.model])
   names = imagenet_classes() if model.num_classes == 1000 else None
 
   failed = 0

@@ -11,10 +11,12 @@ in this order:
    placed by hand, e.g. on a machine without network.
 3. The hub's cache (``HF_HUB_CACHE``), downloading on a miss unless ``HF_HUB_OFFLINE=1``.
 
-A cached hub file is verified once: the hub names a large (LFS) file's blob by its
-SHA-256, which is compared with the file's. The first load converts the PyTorch pickle
-to ``<file>.safetensors`` beside it (atomically; torch is needed only then), and later
-loads read that copy.
+A hub file is verified: the hub names a large (LFS) file's blob by its SHA-256, which
+is compared with the file's (a copy placed by hand is trusted as it is). The first load
+converts the PyTorch pickle to ``<file>.safetensors`` beside it (atomically; torch is
+needed only then; it doubles the disk use), and later loads read that copy without
+verifying again; where it cannot be written (a read-only cache), each load verifies and
+reads the ``.pth``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from internimage_jax.training.errors import first_line
 
 REPO_ID = "OpenGVLab/InternImage"
 WEIGHTS_ENV = "INTERNIMAGE_JAX_WEIGHTS"
@@ -82,8 +86,8 @@ def published(model: str, tag: str) -> Published:
     raise ValueError(f"no published weights for {model!r}; models with weights: "
                      f"{sorted(PUBLISHED)}")
   if tag not in PUBLISHED[model]:
-    raise ValueError(f"no published weights {tag!r} for {model}; choose one of "
-                     f"{sorted(PUBLISHED[model])} or pass a checkpoint path")
+    raise ValueError(f"no published weights {tag!r} for {model} and no file of that name; "
+                     f"choose one of {sorted(PUBLISHED[model])} or pass a checkpoint path")
   return PUBLISHED[model][tag]
 
 
@@ -112,10 +116,10 @@ def checkpoint_file(model: str, tag: str) -> Path:
                       "huggingface_hub (or pass pretrained=PATH)") from e
   try:
     path = Path(hf_hub_download(REPO_ID, entry.filename))
-  except (OSError, ValueError) as e:  # offline, unreachable, not found: all OSErrors
+  except Exception as e:  # noqa: BLE001 - offline, unreachable, cut transfers (httpx), ...
     raise FileNotFoundError(
         f"pretrained {tag!r} of {model}: cannot get {entry.filename} from the Hugging Face "
-        f"repository {REPO_ID} ({type(e).__name__}: {str(e).splitlines()[0]}); download "
+        f"repository {REPO_ID} ({type(e).__name__}: {first_line(e)}); download "
         f"{entry.url} and place it at {placed}, or pass pretrained=PATH") from None
   _verify(path, entry)
   return path
@@ -144,15 +148,26 @@ def _converted(path: Path) -> Path:
   return path.with_name(path.name + ".safetensors")
 
 
+def entry_of(pretrained: str | os.PathLike, model: str) -> Published | None:
+  """The published entry that ``pretrained`` names for ``model`` (``None`` for a path),
+  before anything is downloaded."""
+  tag = None if isinstance(pretrained, os.PathLike) else str(pretrained)
+  return PUBLISHED.get(model, {}).get(tag)
+
+
 def resolve(pretrained: str | os.PathLike, model: str) -> tuple[Path, Published | None]:
-  """The local checkpoint of ``pretrained`` (a tag of ``model`` or a path) and its
-  published entry (``None`` for a path). A published ``.pth`` is converted to
-  safetensors beside it on first use, and that copy is returned (no torch needed
-  later); in a read-only cache the ``.pth`` itself."""
-  if is_path(pretrained):
-    return Path(pretrained), None
-  entry = published(model, str(pretrained))
-  path = checkpoint_file(model, str(pretrained))
+  """The local checkpoint of ``pretrained`` (a tag of ``model``, which wins over a file
+  of that name: write ``./in1k`` for one, or a path) and its published entry (``None``
+  for a path). A published ``.pth`` is converted to safetensors beside it on first use,
+  and that copy is returned (no torch needed later); where the copy cannot be written
+  (a read-only cache), the ``.pth`` itself, verified again at each use."""
+  entry = entry_of(pretrained, model)
+  if entry is None:
+    if is_path(pretrained):
+      return Path(pretrained), None
+    published(model, str(pretrained))  # the error names the tags
+  tag = str(pretrained)
+  path = checkpoint_file(model, tag)
   copy = _converted(path)
   if copy.is_file():
     return copy, entry
@@ -161,12 +176,18 @@ def resolve(pretrained: str | os.PathLike, model: str) -> tuple[Path, Published 
   from internimage_jax import convert
 
   state_dict = convert.read_state_dict(path)
-  tmp = copy.with_name(copy.name + ".tmp")
+  # A name of this process's own: processes converting the same file at once each write
+  # a whole copy, and the last rename wins.
+  tmp = copy.with_name(f"{copy.name}.tmp-{os.getpid()}")
   try:
     # np.array(order="C"), unlike np.ascontiguousarray, keeps 0-d entries 0-d.
     save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, str(tmp))
     os.replace(tmp, copy)  # never a half-written copy under the final name
-  except OSError:
+  except Exception:  # noqa: BLE001 - safetensors raises its own error type for I/O
+    try:
+      tmp.unlink(missing_ok=True)
+    except OSError:
+      pass
     return path, entry
   return copy, entry
 

@@ -21,7 +21,8 @@ def _images(batch: int, size: int = 64) -> np.ndarray:
 
 
 def test_stablehlo_round_trip_with_a_symbolic_batch(tmp_path):
-  model = models.create("internimage_t", num_classes=10, rngs=nnx.Rngs(3), **MINI_T)
+  model = models.create("internimage_t", num_classes=10, rngs=nnx.Rngs(3),
+                        implementation="xla", **MINI_T)  # lowers for every platform
   exported = export.export_classifier(model, image_size=64, batch=None,
                                       platforms=("cpu", "cuda", "tpu"))
   assert exported.platforms == ("cpu", "cuda", "tpu")
@@ -68,6 +69,11 @@ def test_export_command_line_and_its_errors(tmp_path, capsys):
       (["--image-size", "65"], "image_size must be a positive multiple of 32, got 65"),
       (["--options", json.dumps(dict(MINI_T, channels=32, groups=(2, 4, 8, 16)))],
        "does not fit InternImage"),
+      (["--num-classes", "5"], "newly initialised: head.bias, head.weight: an exported "
+                               "classifier must be trained"),
+      (["--options", json.dumps(dict(MINI_T, features_only=True))],
+       "a features_only backbone has no logits to serve"),
+      (["--image-size", "0"], "image_size must be a positive multiple of 32, got 0"),
   ):
     base = {"--options": options, "--image-size": "64", "--platforms": "cpu"}
     base.update(dict(zip(args[::2], args[1::2])))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from helpers import MINI_T, require_golden
 from internimage_jax import convert, models
@@ -53,7 +54,10 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
 
 
 def _assert_same_weights(module, state_dict):
+  """Every backbone entry of ``state_dict`` (and every other one ``module`` has) equal."""
   got = convert.to_state_dict(module)
+  backbone = [k for k in state_dict if k.startswith(("patch_embed.", "levels.", "backbone."))]
+  assert backbone and all(k in got for k in backbone)
   for key, value in state_dict.items():
     if key in got:
       np.testing.assert_array_equal(got[key], value, err_msg=key)
@@ -87,8 +91,6 @@ def test_published_weights_load_by_name_from_the_hub_cache(offline_hub, monkeypa
                                       if k.startswith("backbone.")})
 
   # train.py's init_from takes a tag of the run's backbone too.
-  from ml_collections import ConfigDict
-
   from internimage_jax.training.segmentation.task import Segmentation
   from internimage_jax.training.tasks import Classification
 
@@ -105,22 +107,50 @@ def test_published_weights_load_by_name_from_the_hub_cache(offline_hub, monkeypa
   _assert_same_weights(models.create("internimage_t", pretrained=copy, **MINI_T), classifier)
   converted = convert.save_orbax(model, tmp_path / "converted", {
       "model": "internimage_t", "num_classes": 10, "options": MINI_T})
-  _assert_same_weights(models.create("internimage_t", pretrained=converted, **MINI_T),
+  _assert_same_weights(models.create("internimage_t", pretrained=converted),  # model.json
                        classifier)
 
 
-def test_published_weights_errors_name_the_fix(offline_hub, tmp_path):
+def test_published_weights_errors_name_the_fix(offline_hub, tmp_path, monkeypatch):
+  from internimage_jax import predict
+  from internimage_jax.training.errors import TrainingError
+  from internimage_jax.training.tasks import Classification
+
   golden = require_golden()
-  snapshot = _hub_cache(offline_hub, {"internimage_b_1k_224.pth": golden / "model_mini_t.pth"})
+  snapshot = _hub_cache(offline_hub, {
+      "internimage_b_1k_224.pth": golden / "model_mini_t.pth",
+      "internimage_s_1k_224.pth": golden / "model_mini_t.pth",
+      "upernet_internimage_t_512_160k_ade20k.pth": golden / "seg_mini_t.pth"})
+  # A cache where the converted copy cannot be written: the .pth itself serves; and a tag
+  # wins over a folder of the same name in the working directory.
+  def refuse(*args, **kwargs):
+    raise RuntimeError("read-only file system")
+
+  with monkeypatch.context() as patch:
+    patch.chdir(tmp_path)
+    (tmp_path / "in1k").mkdir()
+    patch.setattr("safetensors.numpy.save_file", refuse)
+    options = dict(MINI_T, post_norm=False, layer_scale=None)  # S's options, undone
+    _assert_same_weights(models.create("internimage_s", pretrained="in1k", **options),
+                         convert.read_state_dict(golden / "model_mini_t.pth"))
+    assert not list(snapshot.glob("*.safetensors*"))
+  # A tag of the other kind, for predict and train.py.
+  with pytest.raises(ValueError, match="is a segmentor's checkpoint; pass --task segmentation"):
+    predict.load_model("internimage_t", "ade20k")
+  with pytest.raises(ValueError, match="is a classification checkpoint; the UperNet's is"):
+    predict.load_segmentor("upernet_internimage_t", "in1k")
+  cfg = ConfigDict(dict(model=dict(name="internimage_t")))
+  with pytest.raises(TrainingError, match="is a segmentor's checkpoint"):
+    Classification(cfg, num_classes=3).init_path("ade20k")
 
   with pytest.raises(FileNotFoundError) as missing:
-    models.create("internimage_s", pretrained="in1k")
+    models.create("internimage_xl", pretrained="22kto1k")
   message = str(missing.value)
-  placed = tmp_path / "weights" / "internimage_s_1k_224.pth"
+  placed = tmp_path / "weights" / "internimage_xl_22kto1k_384.pth"
   assert "\n" not in message and "Hugging Face repository OpenGVLab/InternImage" in message
-  assert f"place it at {placed}" in message and "internimage_s_1k_224.pth" in message
-  assert ("https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_s_1k_224.pth"
-          in message)
+  assert f"place it at {placed}" in message and "internimage_xl_22kto1k_384.pth" in message
+  assert ("https://huggingface.co/OpenGVLab/InternImage/resolve/main/"
+          "internimage_xl_22kto1k_384.pth" in message)
   # A copy placed there by hand serves (here the mini T, loaded as T with its options).
   placed.parent.mkdir()
   shutil.copy(golden / "model_mini_t.pth", tmp_path / "weights" / "internimage_t_1k_224.pth")
@@ -134,8 +164,9 @@ def test_published_weights_errors_name_the_fix(offline_hub, tmp_path):
                                     r"corrupt .* delete .* to download it anew"):
     models.create("internimage_b", pretrained="in1k", **MINI_T)
 
-  with pytest.raises(ValueError, match=r"no published weights 'in22k' for internimage_t; "
-                                       r"choose one of \['ade20k', 'in1k'\]"):
+  with pytest.raises(ValueError, match=r"no published weights 'in22k' for internimage_t and "
+                                       r"no file of that name; choose one of "
+                                       r"\['ade20k', 'in1k'\]"):
     models.create("internimage_t", pretrained="in22k")
   with pytest.raises(ValueError, match="is a classification checkpoint"):
     models.create_segmentor("upernet_internimage_t", pretrained="in1k", **SEG_OPTIONS)

@@ -76,6 +76,8 @@ def rule_parameters(options: dict[str, Any]) -> tuple[int, int, int, int]:
   if len(depths) != 4 or len(groups) != 4:
     raise ValueError(f"four levels expected, got depths {depths} and groups {groups}")
   _positive_int("groups[0]", groups[0])
+  if c1 % groups[0]:
+    raise ValueError(f"channels ({c1}) must be divisible by groups[0] ({groups[0]})")
   c_group = c1 // groups[0]
   rule = stacking_rule(c1, c_group, depths[0], depths[2])
   for key in ("depths", "groups"):
@@ -91,7 +93,8 @@ def scale(options: dict[str, Any], phi: float, *, alpha: float = ALPHA,
   """``options`` (a layout that follows the stacking rules, e.g. ``VARIANTS[
   "internimage_t"]``) scaled by the compound rule: C1' = beta^phi C1 rounded to a
   multiple of C', L1' = round(alpha^phi L1), L3' = round(alpha^phi D) - 3 L1' (at least
-  L1'); C' and every other option are kept."""
+  L1'); C' and every other option are kept (per-block options such as H's
+  ``level2_post_norm_block_ids`` may need adjusting to the new depths)."""
   c1, c_group, l1, l3 = rule_parameters(options)
   if not (math.isfinite(phi) and phi >= 0):
     raise ValueError(f"phi must be a finite number >= 0, got {phi!r}")

@@ -54,9 +54,9 @@ def create(name: str, *, num_classes: int | None = None, rngs: nnx.Rngs | None =
   ``dtype=jnp.bfloat16``); ``rngs`` defaults to ``nnx.Rngs(0)``. ``pretrained`` loads
   weights: a published checkpoint by tag (``"in1k"``, ``"in22k"``, ``"22kto1k"``, or
   ``"ade20k"`` for the backbone of the UperNet; ``internimage_jax.pretrained.PUBLISHED``)
-  or a checkpoint path. ``num_classes`` defaults to the checkpoint's head (1000 without
-  one); a head of another size, or none in the checkpoint, starts afresh (a warning
-  names it).
+  or a checkpoint path (a train.py run's or converted directory's ``model.json`` gives
+  its options). ``num_classes`` defaults to the checkpoint's head (1000 without one); a
+  head of another size, or none in the checkpoint, starts afresh (a warning names it).
   """
   options = variant_options(name)
   state_dict = None
@@ -64,6 +64,13 @@ def create(name: str, *, num_classes: int | None = None, rngs: nnx.Rngs | None =
     from internimage_jax import pretrained as hub
 
     state_dict, entry = hub.read(pretrained, name)
+    if entry is None and os.path.isdir(pretrained):  # a train.py run or converted directory
+      from internimage_jax.convert import read_model_json
+
+      meta = read_model_json(pretrained)
+      if meta.get("model") == name:  # its options and classes, under the caller's
+        options.update(meta.get("options", {}))
+        num_classes = meta.get("num_classes") if num_classes is None else num_classes
     if entry is not None and entry.holds == "segmentor":  # the backbone's options there
       from internimage_jax.models.segmentation.segmentor import segmentor_options
 

@@ -96,8 +96,13 @@ class Task:
     backbone (``in1k``, ``in22k``, ...: downloaded once, ``internimage_jax.pretrained``)."""
     from internimage_jax import pretrained
 
+    backbone = self.cfg.model.name.removeprefix("upernet_")
+    entry = pretrained.entry_of(init_from, backbone)
+    if entry is not None and self.name == "classification" and entry.holds != "classifier":
+      raise TrainingError(f"config.init_from {init_from!r} is a {entry.holds}'s checkpoint; "
+                          "a classifier starts from a classification tag (in1k, in22k, ...)")
     try:
-      path, _ = pretrained.resolve(init_from, self.cfg.model.name.removeprefix("upernet_"))
+      path, _ = pretrained.resolve(init_from, backbone)
     except (OSError, ValueError) as e:
       raise init_from_error(e) from e
     return str(path)
