@@ -146,10 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
     if options.get("features_only"):
       raise ValueError("--options: a features_only backbone has no logits to serve")
-    from internimage_jax import pretrained
+    from internimage_jax.pretrained import entry_of
 
-    entry = (None if pretrained.is_path(args.checkpoint)
-             else pretrained.PUBLISHED.get(args.model, {}).get(args.checkpoint))
+    entry = entry_of(args.checkpoint, args.model)  # as create() resolves it: a tag wins
     image_size = args.image_size
     if image_size is None:
       image_size = entry.image_size if entry else models.IMAGE_SIZES.get(args.model, 224)
