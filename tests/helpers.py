@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import importlib
 import json
 import os
 import subprocess
@@ -55,6 +56,17 @@ def require_golden() -> Path:
       pytest.fail(message)
     pytest.skip(message)
   return GOLDEN_DIR
+
+
+def require_module(name: str, install: str):
+  """``import name``; skips (or fails under CI=true, which installs it) when it is absent."""
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:
+    message = f"{name} is not installed ({e}); {install}"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(message)
+    pytest.skip(message)
 
 
 def golden_index(name: str = "index.json") -> dict:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QUICK_CODEGEN
+from helpers import QUICK_CODEGEN, require_module
+from internimage_jax.export.onnx import INSTALL
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,18 @@ def test_model_benchmark_runs():
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["infer_images_per_second"] > 0 and result["train_images_per_second"] > 0
   assert result["first_loss"] > 0
+
+
+def test_export_benchmark_runs():
+  require_module("jax2onnx", f"ONNX export: {INSTALL}")
+  options = json.dumps({"channels": 16, "depths": [1, 1, 1, 1], "groups": [1, 2, 4, 8]})
+  proc = subprocess.run([sys.executable, "benchmarks/export.py", "--batch", "2", "--image-size",
+                         "32", "--repeats", "1", "--options", options],
+                        check=True, cwd=REPO, capture_output=True, text=True)
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["jax_images_per_s"] > 0 and result["onnxruntime_images_per_s"] > 0
+  assert result["max_abs_difference_over_max_logit"] < 1e-4
+  assert result["onnx_bytes"] > 0 and result["stablehlo_bytes"] > 0
 
 
 def _gpu_check(tmp_path, *flags: str) -> tuple[dict, str]:

@@ -38,7 +38,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.dcnv3.config import MosaicConfig
 from pallas_kernels.dcnv3.params import DCNv3Params
-from pallas_kernels.dcnv3.reference import Corner, _centres, bilinear_corners, compute_dtype
+from pallas_kernels.dcnv3.reference import Corner, output_centres, bilinear_corners, compute_dtype
 
 
 def _positions(offset: jax.Array, params: DCNv3Params, dtype):
@@ -47,7 +47,7 @@ def _positions(offset: jax.Array, params: DCNv3Params, dtype):
   s = params.offset_scale
   off = offset.reshape(n, ho, wo, params.group, params.num_points, 2).astype(dtype)
   grid = np.asarray(params.kernel_grid(), np.float64)  # [P, (dx, dy)]
-  cx, cy = _centres(params, ho, wo)
+  cx, cy = output_centres(params, ho, wo)
   px = jnp.asarray(cx, dtype)[:, None, None] + jnp.asarray(s * grid[:, 0], dtype) + s * off[..., 0]
   py = (jnp.asarray(cy, dtype)[:, None, None, None] + jnp.asarray(s * grid[:, 1], dtype)
         + s * off[..., 1])

@@ -53,7 +53,7 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _centres(params: DCNv3Params, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+def output_centres(params: DCNv3Params, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
   """Unpadded input coordinates of each output pixel's centre point: ``[Wo]``, ``[Ho]``."""
   (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
       params.kernel, params.stride, params.pad, params.dilation)
@@ -73,7 +73,7 @@ def _point_positions(
   off = offset.reshape(n, ho, wo, g, params.num_points, 2)
   off = jax.lax.dynamic_index_in_dim(off, point, axis=4, keepdims=False).astype(dtype)
   grid = jnp.asarray(params.kernel_grid(), dtype=dtype)[point]  # (dx, dy)
-  centre_x, centre_y = _centres(params, ho, wo)
+  centre_x, centre_y = output_centres(params, ho, wo)
   centre_y = jnp.asarray(centre_y[:, None, None], dtype)
   if not (isinstance(row_start, int) and row_start == 0):
     centre_y = centre_y + (row_start * params.stride[0]).astype(dtype)

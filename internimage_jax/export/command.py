@@ -1,0 +1,119 @@
+"""``python -m internimage_jax.export``: a classifier checkpoint to a serving export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+import jax.numpy as jnp
+
+from internimage_jax.export import onnx, stablehlo
+from internimage_jax.export.serving import write_directory
+
+FORMATS = ("stablehlo", "onnx")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_batch(batch: str | int) -> int | None:
+  """``"dynamic"`` -> None (a symbolic dimension), else a positive integer."""
+  if batch == "dynamic":
+    return None
+  try:
+    value = int(batch)
+  except (TypeError, ValueError):
+    value = 0
+  if isinstance(batch, bool) or value < 1 or str(value) != str(batch).strip():
+    raise ValueError(f"batch must be a positive integer or 'dynamic', got {batch!r}")
+  return value
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m internimage_jax.export",
+      description="A classifier as a serving export: uint8 NHWC images in, float32 logits "
+                  "out, normalisation and weights inside.")
+  parser.add_argument("--model", required=True, help="internimage_t ... internimage_g")
+  parser.add_argument("--checkpoint", required=True,
+                      help="a published tag (in1k, in22k, 22kto1k) or a checkpoint path")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--format", default="stablehlo", help=f"one of {FORMATS}")
+  parser.add_argument("--dtype", default="float32",
+                      help=f"one of {sorted(DTYPES)} (onnx: float32)")
+  parser.add_argument("--batch", default="1", help="a positive integer or 'dynamic'")
+  parser.add_argument("--image-size", type=int, default=None,
+                      help="input size (default: the resolution of the model's checkpoints)")
+  parser.add_argument("--platforms", default=None,
+                      help=f"stablehlo: comma-separated, among {stablehlo.PLATFORMS} "
+                           "(default: all)")
+  parser.add_argument("--num-classes", type=int, default=None,
+                      help="default: the checkpoint's classifier")
+  parser.add_argument("--options", default="{}",
+                      help='constructor options as JSON, e.g. \'{"channels": 16}\'')
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  from internimage_jax import models
+  from internimage_jax.pretrained import entry_of
+
+  args = _parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    if args.format not in FORMATS:
+      raise ValueError(f"--format must be one of {FORMATS}, got {args.format!r}")
+    if args.dtype not in DTYPES:
+      raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    if args.format == "onnx" and args.dtype != "float32":
+      raise ValueError("--format onnx exports float32 (runtimes such as TensorRT choose "
+                       "their own reduced precision); --dtype bfloat16 is for stablehlo")
+    if args.format == "onnx" and args.platforms is not None:
+      raise ValueError("--platforms is for --format stablehlo (an ONNX model runs wherever "
+                       "its runtime does)")
+    batch = parse_batch(args.batch)
+    options = json.loads(args.options)
+    if not isinstance(options, dict):
+      raise ValueError("--options must be a JSON object")
+    platforms = [p.strip() for p in (args.platforms or ",".join(stablehlo.PLATFORMS)).split(",")
+                 if p.strip()]
+    if options.get("features_only"):
+      raise ValueError("--options: a features_only backbone has no logits to serve")
+    entry = entry_of(args.checkpoint, args.model)  # as create() resolves it: a tag wins
+    image_size = args.image_size
+    if image_size is None:
+      image_size = entry.image_size if entry else models.IMAGE_SIZES.get(args.model, 224)
+    dtype = DTYPES[args.dtype]
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      # The XLA fallback: one program that lowers for every platform (Pallas kernels
+      # lower for one platform only), and the operator the ONNX plugin converts.
+      model = models.create(args.model, num_classes=args.num_classes,
+                            pretrained=args.checkpoint, dtype=dtype, param_dtype=dtype,
+                            **{"implementation": "xla", **options})
+    fresh = [str(w.message) for w in caught if "newly initialised" in str(w.message)]
+    if fresh:
+      raise ValueError(f"{fresh[0]}: an exported classifier must be trained (check "
+                       "--checkpoint and --num-classes)")
+    metadata = {
+        "model": args.model, "checkpoint": str(args.checkpoint), "format": args.format,
+        "dtype": args.dtype, "batch": args.batch, "image_size": image_size,
+        "num_classes": model.num_classes, "options": options,
+        "input": "uint8 RGB [batch, size, size, 3]", "output": "float32 logits"}
+    if args.format == "stablehlo":
+      exported = stablehlo.to_stablehlo(model, image_size=image_size, batch=batch,
+                                        platforms=platforms)
+      write = lambda folder: stablehlo.write(exported, folder)
+      metadata["platforms"] = platforms
+      where = ", ".join(platforms)
+    else:
+      write = lambda folder: onnx.to_onnx(model, folder / onnx.MODEL, image_size=image_size,
+                                          batch=batch)
+      metadata["opset"] = onnx.OPSET
+      where = f"ONNX opset {onnx.OPSET}"
+    out = write_directory(args.out, write, metadata)
+  except (OSError, ValueError, ImportError, TypeError) as e:
+    print("error: " + "; ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+    return 1
+  print(f"wrote {out} ({args.model}, {model.num_classes} classes, {image_size} px, batch "
+        f"{args.batch}, {args.dtype}, {where})")
+  return 0
