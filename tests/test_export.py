@@ -81,6 +81,11 @@ def test_export_command_line_and_its_errors(tmp_path, capsys):
       (["--options", json.dumps(dict(MINI_T, features_only=True))],
        "a features_only backbone has no logits to serve"),
       (["--image-size", "0"], "image_size must be a positive multiple of 32, got 0"),
+      (["--implementation", "triton"], "--implementation must be xla or pallas"),
+      (["--implementation", "pallas"], "with the kernels for one platform (cuda)"),
+      (["--implementation", "pallas", "--platforms", "tpu"], "--platforms cuda"),
+      (["--implementation", "pallas", "--platforms", "cuda", "--batch", "dynamic"],
+       "the Pallas kernels need a fixed batch"),
   ):
     base = {"--options": options, "--image-size": "64", "--platforms": "cpu"}
     base.update(dict(zip(args[::2], args[1::2])))
@@ -90,6 +95,28 @@ def test_export_command_line_and_its_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and message in err, (args, err)
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_stablehlo_export_with_the_triton_kernels_inside(tmp_path):
+  """``--implementation pallas``: a cuda program whose DCNv3 layers are the Triton
+  kernels (custom calls), exported from this CPU host."""
+  from pallas_kernels.dcnv3 import api
+
+  module, why = api.triton_kernels()
+  if module is None:
+    pytest.skip(f"this jax has no Pallas Triton backend ({why})")
+  platform, call = "cuda", export.stablehlo.TRITON_CALL
+  pth = str(require_golden() / "model_mini_t.pth")
+  out = tmp_path / platform
+  code = export.main(["--model", "internimage_t", "--checkpoint", pth, "--out", str(out),
+                      "--options", json.dumps(dict(MINI_T)), "--implementation", "pallas",
+                      "--platforms", platform, "--batch", "2", "--image-size", "64"])
+  assert code == 0
+  program = jax.export.deserialize(bytearray((out / "model.stablehlo").read_bytes()))
+  text = program.mlir_module()
+  assert program.platforms == (platform,)
+  assert text.count(call) >= 4 and "dcnv3_forward" in text  # one per level's scanned block
+  assert json.loads((out / export.METADATA).read_text())["implementation"] == "pallas_triton"
 
 
 def _onnxruntime():

@@ -47,6 +47,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--platforms", default=None,
                       help=f"stablehlo: comma-separated, among {stablehlo.PLATFORMS} "
                            "(default: all)")
+  parser.add_argument("--implementation", default="xla",
+                      help="DCNv3: xla (the fallback, every platform) or pallas (stablehlo "
+                           "for cuda alone: the Triton kernels inside, a fixed batch)")
   parser.add_argument("--num-classes", type=int, default=None,
                       help="default: the checkpoint's classifier")
   parser.add_argument("--options", default="{}",
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "onnx" and args.platforms is not None:
       raise ValueError("--platforms is for --format stablehlo (an ONNX model runs wherever "
                        "its runtime does)")
+    if args.implementation not in ("xla", "pallas"):
+      raise ValueError(f"--implementation must be xla or pallas, got {args.implementation!r}")
     batch = parse_batch(args.batch)
     options = json.loads(args.options)
     if not isinstance(options, dict):
@@ -78,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                  if p.strip()]
     if options.get("features_only"):
       raise ValueError("--options: a features_only backbone has no logits to serve")
+    implementation = "xla"
+    if args.implementation == "pallas":
+      kernels = {p: k for k, p in stablehlo.KERNEL_PLATFORMS.items()}
+      if args.format != "stablehlo" or len(platforms) != 1 or platforms[0] not in kernels:
+        raise ValueError("--implementation pallas exports stablehlo with the kernels for one "
+                         f"platform ({', '.join(kernels)}): --platforms cuda")
+      implementation = kernels[platforms[0]]
     entry = entry_of(args.checkpoint, args.model)  # as create() resolves it: a tag wins
     image_size = args.image_size
     if image_size is None:
@@ -85,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      # The XLA fallback: one program that lowers for every platform (Pallas kernels
-      # lower for one platform only), and the operator the ONNX plugin converts.
+      # By default the XLA fallback: one program that lowers for every platform (Pallas
+      # kernels lower for one platform only), and the operator the ONNX plugin converts.
       model = models.create(args.model, num_classes=args.num_classes,
                             pretrained=args.checkpoint, dtype=dtype, param_dtype=dtype,
-                            **{"implementation": "xla", **options})
+                            **{**options, "implementation": implementation})
     fresh = [str(w.message) for w in caught if "newly initialised" in str(w.message)]
     if fresh:
       raise ValueError(f"{fresh[0]}: an exported classifier must be trained (check "
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "checkpoint": str(args.checkpoint), "format": args.format,
         "dtype": args.dtype, "batch": args.batch, "image_size": image_size,
         "num_classes": model.num_classes, "options": options,
+        "implementation": implementation,
         "input": "uint8 RGB [batch, size, size, 3]", "output": "float32 logits"}
     if args.format == "stablehlo":
       exported = stablehlo.to_stablehlo(model, image_size=image_size, batch=batch,

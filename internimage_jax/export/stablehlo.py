@@ -1,14 +1,18 @@
 """StableHLO export: a serialized ``jax.export.Exported`` that JAX alone runs.
 
-DCNv3 runs as the XLA fallback on every platform (a Pallas kernel lowers for one platform
-only). The weights are constants of the program, which one serialized program holds up
-to 2 GiB: T to XL in float32 (XL 1.35 GB), not H or G. A fixed batch exported on a CPU
-host keeps the CPU's chunking of the batch in the fallback on every platform (correct;
-a symbolic batch has none).
+DCNv3 runs as its model was built: the XLA fallback lowers for every platform; a model
+built with ``implementation="pallas_triton"`` exports for cuda alone, with the Triton
+kernels inside as custom calls, for a fixed batch (Pallas blocks have static shapes).
+(The Mosaic kernels do not export for tpu from a host without one: their interpreted CPU
+branch has ordered callbacks, which ``platform_dependent`` cannot lower away.) The weights are constants of the program, which one
+serialized program holds up to 2 GiB: T to XL in float32 (XL 1.35 GB), not H or G. A
+fixed batch exported on a CPU host keeps the CPU's chunking of the batch in the fallback
+on every platform (correct; a symbolic batch has none).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +24,13 @@ from internimage_jax.export.serving import serving_function, weight_bytes
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 PROGRAM = "model.stablehlo"
+# The one platform each exportable kernel backend's program lowers for.
+KERNEL_PLATFORMS = {"pallas_triton": "cuda"}
+TRITON_CALL = "__gpu$xla.gpu.triton"
+# Lowering a Triton kernel asks for the target GPU; a host without one lowers for this
+# card (XLA compiles the kernels' Triton IR for the GPU that loads the program).
+EXPORT_GPU = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                         platform="gpu")
 # jax.export serializes to a flatbuffer, whose offsets are 32-bit.
 MAX_EMBEDDED_BYTES = 2**31 - 2**26
 
@@ -31,6 +42,14 @@ def to_stablehlo(model: nnx.Module, *, image_size: int, batch: int | None = None
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
     raise ValueError(f"platforms must be among {PLATFORMS}, got {list(platforms)}")
+  kernels = _kernel_backend(model)
+  if kernels is not None:
+    if tuple(platforms) != (KERNEL_PLATFORMS[kernels],):
+      raise ValueError(f"export: the {kernels} kernels lower for "
+                       f"{KERNEL_PLATFORMS[kernels]} alone, not for {list(platforms)}")
+    if batch is None:
+      raise ValueError("export: the Pallas kernels need a fixed batch (--batch N), not "
+                       "a symbolic one")
   serve = serving_function(model, image_size)
   size = weight_bytes(model)
   if size >= MAX_EMBEDDED_BYTES:
@@ -39,7 +58,30 @@ def to_stablehlo(model: nnx.Module, *, image_size: int, batch: int | None = None
                      "bfloat16 halves them")
   (dim,) = jax.export.symbolic_shape("batch") if batch is None else (batch,)
   spec = jax.ShapeDtypeStruct((dim, image_size, image_size, 3), jnp.uint8)
-  return jax.export.export(jax.jit(serve), platforms=tuple(platforms))(spec)
+  export = functools.partial(jax.export.export, jax.jit(serve), platforms=tuple(platforms))
+  if kernels == "pallas_triton":
+    export = functools.partial(export, disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])
+    if jax.default_backend() != "gpu":
+      target = jax.sharding.AbstractMesh((1,), ("export",), abstract_device=EXPORT_GPU)
+      with jax.sharding.use_abstract_mesh(target):
+        return export()(spec)
+  return export()(spec)
+
+
+def _kernel_backend(model: nnx.Module) -> str | None:
+  """The kernel backend (a key of ``KERNEL_PLATFORMS``) ``model``'s DCNv3 layers were
+  built with; None for the XLA fallback."""
+  from internimage_jax.models.dcnv3 import DCNv3
+
+  chosen = {module.implementation for _, module in nnx.iter_graph(model)
+            if isinstance(module, DCNv3)}
+  kernels = chosen & set(KERNEL_PLATFORMS)
+  if not kernels:
+    return None
+  if len(chosen) > 1:
+    raise ValueError(f"export: DCNv3 layers built with several implementations {sorted(chosen)}")
+  return kernels.pop()
 
 
 def write(exported: jax.export.Exported, folder: Path) -> None:
