@@ -80,6 +80,8 @@ def test_export_command_line_and_its_errors(tmp_path, capsys):
                                "classifier must be trained"),
       (["--options", json.dumps(dict(MINI_T, features_only=True))],
        "a features_only backbone has no logits to serve"),
+      (["--options", json.dumps(dict(MINI_T, implementation="auto"))],
+       "choose DCNv3's implementation with --implementation"),
       (["--image-size", "0"], "image_size must be a positive multiple of 32, got 0"),
       (["--implementation", "triton"], "--implementation must be xla or pallas"),
       (["--implementation", "pallas"], "with the kernels for one platform (cuda)"),
@@ -117,6 +119,15 @@ def test_stablehlo_export_with_the_triton_kernels_inside(tmp_path):
   assert program.platforms == (platform,)
   assert text.count(call) >= 4 and "dcnv3_forward" in text  # one per level's scanned block
   assert json.loads((out / export.METADATA).read_text())["implementation"] == "pallas_triton"
+
+
+def test_exports_refuse_a_model_not_built_with_the_fallback(tmp_path):
+  model = models.create("internimage_t", num_classes=10, rngs=nnx.Rngs(3),
+                        implementation="auto", **MINI_T)
+  with pytest.raises(ValueError, match="needs DCNv3 built with implementation='xla'"):
+    export.to_stablehlo(model, image_size=64)
+  with pytest.raises(ValueError, match="needs DCNv3 built with implementation='xla'"):
+    export.to_onnx(model, tmp_path / "model.onnx", image_size=64)
 
 
 def _onnxruntime():
@@ -164,17 +175,37 @@ def test_dcnv3_converts_to_grid_sample_and_matches_the_fallback(tmp_path, dtype)
                        f"case {case} batch {batch}")
 
 
+def _op_types(graph) -> set[str]:
+  """Every operator of an ONNX graph, inside loop bodies too."""
+  import onnx
+
+  ops = set()
+  for node in graph.node:
+    ops.add(node.op_type)
+    for attribute in node.attribute:
+      if attribute.type == onnx.AttributeProto.GRAPH:
+        ops |= _op_types(attribute.g)
+  return ops
+
+
 def test_onnx_export_of_a_t_structure_classifier_runs_in_onnxruntime(tmp_path):
   _onnxruntime()
+  import onnx
+
   pth = str(require_golden() / "model_mini_t.pth")
   out = tmp_path / "mini_onnx"
-  code = export.main(["--model", "internimage_t", "--checkpoint", pth, "--out", str(out),
-                      "--options", json.dumps(dict(MINI_T)), "--format", "onnx",
-                      "--batch", "dynamic", "--image-size", "64"])
-  assert code == 0
+  common = ["--model", "internimage_t", "--checkpoint", pth, "--out", str(out), "--options",
+            json.dumps(dict(MINI_T)), "--batch", "dynamic", "--image-size", "64"]
+  assert export.main([*common, "--platforms", "cpu"]) == 0  # then replaced by the ONNX export
+  assert export.main([*common, "--format", "onnx"]) == 0
   metadata = json.loads((out / export.METADATA).read_text())
   assert metadata["format"] == "onnx" and metadata["batch"] == "dynamic"
+  # One self-contained file; the StableHLO export it replaced is gone.
   assert sorted(p.name for p in out.iterdir()) == [export.METADATA, onnx_export.MODEL]
+  ops = _op_types(onnx.load(str(out / onnx_export.MODEL)).graph)
+  assert "GridSample" in ops and "Loop" in ops  # the scanned levels
+  # No data-dependent gathers (the loops' plain Gather picks a level's block weights).
+  assert not ops & {"GatherND", "GatherElements", "ScatterND", "ScatterElements"}, ops
   serve = export.load(out)  # onnxruntime alone
   model = models.create("internimage_t", pretrained=pth, **MINI_T)
   model.eval()

@@ -24,12 +24,13 @@ from typing import Any
 import jax
 
 from internimage_jax.export import onnx, stablehlo
-from internimage_jax.export.command import main, parse_batch
+from internimage_jax.export.command import FILES, main, parse_batch
 from internimage_jax.export.onnx import to_onnx
-from internimage_jax.export.serving import METADATA, serving_function, write_directory
+from internimage_jax.export.serving import (
+    METADATA, read_metadata, serving_function, write_directory)
 from internimage_jax.export.stablehlo import to_stablehlo
 
-__all__ = ["METADATA", "load", "main", "parse_batch", "save", "serving_function", "to_onnx",
+__all__ = ["FILES", "METADATA", "load", "main", "parse_batch", "save", "serving_function", "to_onnx",
            "to_stablehlo"]
 
 
@@ -37,14 +38,18 @@ def save(exported: jax.export.Exported, out: str | os.PathLike,
          metadata: dict[str, Any]) -> Path:
   """Writes a StableHLO export and ``metadata`` to the directory ``out``, each file whole
   or not at all."""
-  return write_directory(out, lambda folder: stablehlo.write(exported, folder), metadata)
+  return write_directory(out, lambda folder: stablehlo.write(exported, folder),
+                         {**metadata, "format": "stablehlo"}, replaces=FILES)
 
 
 def load(directory: str | os.PathLike) -> Callable[[Any], Any]:
   """The export in ``directory`` as a function of uint8 NHWC images (StableHLO in JAX,
-  ONNX in onnxruntime)."""
-  for name, reader in ((stablehlo.PROGRAM, stablehlo.load), (onnx.MODEL, onnx.load)):
-    if (Path(directory) / name).is_file():
-      return reader(Path(directory) / name)
-  raise FileNotFoundError(f"{directory} holds no exported model (neither "
-                          f"{stablehlo.PROGRAM} nor {onnx.MODEL})")
+  ONNX in onnxruntime), as its ``export.json`` names it."""
+  readers = {"stablehlo": (stablehlo.PROGRAM, stablehlo.load), "onnx": (onnx.MODEL, onnx.load)}
+  fmt = read_metadata(directory).get("format")
+  if fmt not in readers:
+    raise ValueError(f"{directory}: unknown export format {fmt!r} in {METADATA}")
+  name, reader = readers[fmt]
+  if not (Path(directory) / name).is_file():
+    raise FileNotFoundError(f"{directory} holds no {name} (its {METADATA} says {fmt})")
+  return reader(Path(directory) / name)

@@ -7,12 +7,15 @@ import json
 import sys
 import warnings
 
+import jax
 import jax.numpy as jnp
 
 from internimage_jax.export import onnx, stablehlo
 from internimage_jax.export.serving import write_directory
 
 FORMATS = ("stablehlo", "onnx")
+# Every file an export may write: a new export into the same folder removes the others.
+FILES = (stablehlo.PROGRAM, onnx.MODEL, onnx.MODEL + ".data")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -81,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError("--options must be a JSON object")
     platforms = [p.strip() for p in (args.platforms or ",".join(stablehlo.PLATFORMS)).split(",")
                  if p.strip()]
-    if options.get("features_only"):
-      raise ValueError("--options: a features_only backbone has no logits to serve")
+    if "implementation" in options:
+      raise ValueError("--options: choose DCNv3's implementation with --implementation")
     implementation = "xla"
     if args.implementation == "pallas":
       kernels = {p: k for k, p in stablehlo.KERNEL_PLATFORMS.items()}
@@ -90,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--implementation pallas exports stablehlo with the kernels for one "
                          f"platform ({', '.join(kernels)}): --platforms cuda")
       implementation = kernels[platforms[0]]
+      from pallas_kernels.dcnv3.api import triton_kernels
+
+      if triton_kernels()[0] is None:
+        raise ValueError(f"--implementation pallas: this jax {jax.__version__} has no Pallas "
+                         f"Triton backend ({triton_kernels()[1]}); export with --implementation xla")
     entry = entry_of(args.checkpoint, args.model)  # as create() resolves it: a tag wins
     image_size = args.image_size
     if image_size is None:
@@ -123,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                                           batch=batch)
       metadata["opset"] = onnx.OPSET
       where = f"ONNX opset {onnx.OPSET}"
-    out = write_directory(args.out, write, metadata)
-  except (OSError, ValueError, ImportError, TypeError) as e:
+    out = write_directory(args.out, write, metadata, replaces=FILES)
+  except (OSError, ValueError, ImportError, TypeError, NotImplementedError) as e:
     print("error: " + "; ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
     return 1
   print(f"wrote {out} ({args.model}, {model.num_classes} classes, {image_size} px, batch "

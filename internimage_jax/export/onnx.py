@@ -1,9 +1,10 @@
 """ONNX export through jax2onnx, DCNv3 as ONNX ``GridSample`` plus the mask-weighted sum.
 
 jax2onnx converts a function's jaxpr primitive by primitive. DCNv3's XLA fallback is a
-gather program that would convert into index arithmetic no runtime accelerates; during
-the conversion, the plugin below (``DCNv3Plugin``) makes the operator bind one primitive
-instead, and lowers it to the form onnxruntime and TensorRT run natively. Per image and
+gather program, which would convert into gathers over flattened tables and their index
+arithmetic. During the conversion, the plugin below (``DCNv3Plugin``) makes the operator
+bind one primitive instead, lowered to operators ONNX runtimes implement natively
+(onnxruntime is tested; TensorRT has a GridSample layer, not tried here). Per image and
 group, the ``P`` sampling points of every output pixel are one ``GridSample`` (bilinear,
 zero padding, ``align_corners=0``: pixel ``i`` has its centre at normalised coordinate
 ``(2 i + 1) / size - 1``) over the group's channels, then the points are summed with
@@ -29,15 +30,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from internimage_jax.export.serving import serving_function
+from internimage_jax.export.serving import require_fallback, serving_function, weight_bytes
 from pallas_kernels.dcnv3.params import DCNv3Params
 from pallas_kernels.dcnv3.reference import output_centres, dcnv3_xla
 
 MODEL = "model.onnx"
-# GridSample's "linear" mode name (opset 20 renamed "bilinear"); jax2onnx's default.
-OPSET = 23
-INSTALL = ('pip install onnx onnx-ir onnxruntime dm-pix equinox && '
-           'pip install --no-deps "jax2onnx>=0.17"')
+# The oldest opset with GridSample's "linear" mode (opset 20 renamed "bilinear") and Gelu:
+# the widest choice of runtimes.
+OPSET = 20
+# The plugin uses jax2onnx's plugin API, which may change between minor releases.
+JAX2ONNX = "jax2onnx>=0.17.1,<0.18"
+INSTALL = f'pip install -e ".[onnx]" && pip install --no-deps "{JAX2ONNX}"'
+# One protobuf file holds at most 2 GiB; larger weights go to MODEL + ".data".
+SINGLE_FILE_BYTES = 2**31 - 2**26
 
 
 def _require(module: str) -> Any:
@@ -198,8 +203,10 @@ def convert(fn: Callable[..., jax.Array], inputs: list[jax.ShapeDtypeStruct | tu
 def to_onnx(model: nnx.Module, path: str | Path, *, image_size: int,
             batch: int | None = None) -> Path:
   """Writes ``model`` to ``path`` as an ONNX model from uint8 NHWC images ``images`` to
-  float32 logits ``logits``; ``batch=None`` is a symbolic batch dimension ``batch``.
-  Weights over 2 GiB go to a ``.data`` file beside it (ONNX's external data)."""
+  float32 logits ``logits``; ``batch=None`` is a symbolic batch dimension ``batch``. One
+  self-contained file when the weights fit in 2 GiB (T to XL), else the weights in
+  ``<path>.data`` beside it (ONNX's external data; keep the two together)."""
+  require_fallback(model, "ONNX export")
   serve = serving_function(model, image_size)
   if any(getattr(x, "dtype", jnp.float32) != jnp.float32
          for x in jax.tree.leaves(nnx.state(model, nnx.Param))):
@@ -207,7 +214,9 @@ def to_onnx(model: nnx.Module, path: str | Path, *, image_size: int,
                      "as TensorRT choose their own reduced precision")
   spec = jax.ShapeDtypeStruct(("batch" if batch is None else batch, image_size, image_size, 3),
                               jnp.uint8)
-  return convert(serve, [spec], path, input_names=["images"], output_names=["logits"])
+  mode = "web" if weight_bytes(model) < SINGLE_FILE_BYTES else "standard"  # jax2onnx's names
+  return convert(serve, [spec], path, input_names=["images"], output_names=["logits"],
+                 export_mode=mode)
 
 
 def load(path: Path) -> Callable[[Any], np.ndarray]:

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +42,36 @@ def serving_function(model: nnx.Module, image_size: int) -> Callable[[jax.Array]
   return serve
 
 
+def dcnv3_implementations(model: nnx.Module) -> set[str]:
+  """The ``implementation`` of every DCNv3 layer of ``model``."""
+  from internimage_jax.models.dcnv3 import DCNv3
+
+  return {module.implementation for _, module in nnx.iter_graph(model)
+          if isinstance(module, DCNv3)}
+
+
+def require_fallback(model: nnx.Module, what: str) -> None:
+  """A one-line error unless ``model``'s DCNv3 layers all run the XLA fallback."""
+  chosen = dcnv3_implementations(model) - {"xla"}
+  if chosen:
+    raise ValueError(f"export: {what} needs DCNv3 built with implementation='xla' (the "
+                     f"fallback, which lowers for every platform), got {sorted(chosen)}")
+
+
 def weight_bytes(model: nnx.Module) -> int:
   """Bytes of ``model``'s arrays (what an export embeds)."""
   return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)) if hasattr(x, "nbytes"))
 
 
 def write_directory(out: str | os.PathLike, write: Callable[[Path], None],
-                    metadata: dict[str, Any]) -> Path:
+                    metadata: dict[str, Any], replaces: Sequence[str] = ()) -> Path:
   """Fills ``out`` with what ``write(folder)`` puts in a fresh folder, plus ``METADATA``.
 
-  The files are written beside ``out`` first and moved in afterwards, the metadata
-  last, so a crash or a full disk leaves no half-written file under ``out``'s names
-  (an ONNX file refers to its weights file by name, so both are written under their
-  final names in the staging folder).
+  Each file is written in a staging folder inside ``out`` and moved into place whole:
+  data files first, then the model that refers to them, the metadata last. Files named
+  in ``replaces`` (an earlier export's) that this export does not write are removed
+  first, so ``out`` never mixes two exports' models. A crash or a full disk leaves no
+  half-written file under the final names (at worst a ``.staging-*`` folder).
   """
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
@@ -62,9 +79,20 @@ def write_directory(out: str | os.PathLike, write: Callable[[Path], None],
   try:
     write(staging)
     (staging / METADATA).write_text(json.dumps(metadata, indent=1, sort_keys=True))
-    for path in sorted(staging.iterdir(), key=lambda p: p.name == METADATA):
+    written = {path.name for path in staging.iterdir()}
+    for stale in set(replaces) - written:
+      (out / stale).unlink(missing_ok=True)
+    order = lambda path: (path.name == METADATA, not path.name.endswith(".data"))
+    for path in sorted(staging.iterdir(), key=order):
       os.replace(path, out / path.name)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return out
 
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+  """``directory``'s ``METADATA``, or a one-line error saying it holds no export."""
+  path = Path(directory) / METADATA
+  if not path.is_file():
+    raise FileNotFoundError(f"{directory} holds no exported model ({METADATA} is missing)")
+  return json.loads(path.read_text())

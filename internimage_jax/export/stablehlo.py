@@ -3,11 +3,13 @@
 DCNv3 runs as its model was built: the XLA fallback lowers for every platform; a model
 built with ``implementation="pallas_triton"`` exports for cuda alone, with the Triton
 kernels inside as custom calls, for a fixed batch (Pallas blocks have static shapes).
-(The Mosaic kernels do not export for tpu from a host without one: their interpreted CPU
-branch has ordered callbacks, which ``platform_dependent`` cannot lower away.) The weights are constants of the program, which one
-serialized program holds up to 2 GiB: T to XL in float32 (XL 1.35 GB), not H or G. A
-fixed batch exported on a CPU host keeps the CPU's chunking of the batch in the fallback
-on every platform (correct; a symbolic batch has none).
+The Mosaic kernels do not export for tpu from a host without one: their interpreted CPU
+branch has ordered callbacks, which ``platform_dependent`` cannot lower away.
+
+The weights are constants of the program, which one serialized program holds up to
+2 GiB: T to XL in float32 (XL 1.35 GB), not H or G. A fixed batch exported on a CPU host
+keeps the CPU's chunking of the batch in the fallback on every platform (correct; a
+symbolic batch has none).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from internimage_jax.export.serving import serving_function, weight_bytes
+from internimage_jax.export.serving import (
+    dcnv3_implementations, require_fallback, serving_function, weight_bytes)
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 PROGRAM = "model.stablehlo"
@@ -53,9 +56,10 @@ def to_stablehlo(model: nnx.Module, *, image_size: int, batch: int | None = None
   serve = serving_function(model, image_size)
   size = weight_bytes(model)
   if size >= MAX_EMBEDDED_BYTES:
+    hint = ("--dtype bfloat16 halves them" if size // 2 < MAX_EMBEDDED_BYTES
+             else "--format onnx keeps them in a file of their own")
     raise ValueError(f"export: the weights ({size / 1e9:.2f} GB) do not fit in one "
-                     "serialized program (2 GiB at most, a flatbuffers limit); --dtype "
-                     "bfloat16 halves them")
+                     f"serialized program (2 GiB at most, a flatbuffers limit); {hint}")
   (dim,) = jax.export.symbolic_shape("batch") if batch is None else (batch,)
   spec = jax.ShapeDtypeStruct((dim, image_size, image_size, 3), jnp.uint8)
   export = functools.partial(jax.export.export, jax.jit(serve), platforms=tuple(platforms))
@@ -72,16 +76,12 @@ def to_stablehlo(model: nnx.Module, *, image_size: int, batch: int | None = None
 def _kernel_backend(model: nnx.Module) -> str | None:
   """The kernel backend (a key of ``KERNEL_PLATFORMS``) ``model``'s DCNv3 layers were
   built with; None for the XLA fallback."""
-  from internimage_jax.models.dcnv3 import DCNv3
-
-  chosen = {module.implementation for _, module in nnx.iter_graph(model)
-            if isinstance(module, DCNv3)}
-  kernels = chosen & set(KERNEL_PLATFORMS)
-  if not kernels:
-    return None
-  if len(chosen) > 1:
-    raise ValueError(f"export: DCNv3 layers built with several implementations {sorted(chosen)}")
-  return kernels.pop()
+  chosen = dcnv3_implementations(model)
+  if len(chosen) == 1 and next(iter(chosen)) in KERNEL_PLATFORMS:
+    return next(iter(chosen))
+  require_fallback(model, f"a program for {', '.join(PLATFORMS)} (or a cuda program with "
+                          "implementation='pallas_triton')")
+  return None
 
 
 def write(exported: jax.export.Exported, folder: Path) -> None:
