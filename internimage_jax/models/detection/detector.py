@@ -1,0 +1,227 @@
+"""Mask R-CNN with FPN on InternImage (mmdetection's ``MaskRCNN``), its official
+configurations and ``create_detector``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from internimage_jax.models.detection.fpn import FPN
+from internimage_jax.models.detection.roi_head import (
+    FCNMaskHead, Shared2FCBBoxHead, detect, extract_rois, paste_masks)
+from internimage_jax.models.detection.rpn import RPNHead, proposals
+from internimage_jax.models.internimage import InternImage
+from internimage_jax.models.layers import Dtype
+from internimage_jax.models.segmentation.segmentor import segmentor_options
+
+# The backbones of the official COCO configs: the detection backbone is the segmentation
+# one (spec detection.md section 1), with the same options per size (T: layer scale 1.0,
+# drop path 0.2; S: post-norm, 0.3; B: post-norm, 0.4).
+DETECTORS: dict[str, dict[str, Any]] = {
+    f"mask_rcnn_internimage_{size}": segmentor_options(f"upernet_internimage_{size}")
+    for size in ("t", "s", "b")}
+
+# mmdet's configuration of the parts (spec sections 2-9), under mmdet's own keys. The
+# channels the neck gives (256 officially) are filled in by ``create_detector`` from
+# ``neck.out_channels`` wherever a part reads them, unless that part sets its own.
+NECK = dict(out_channels=256, num_outs=5)
+RPN_HEAD = dict(anchor_generator=dict(scales=[8], ratios=[0.5, 1.0, 2.0],
+                                      strides=[4, 8, 16, 32, 64]))
+ROI_HEAD = dict(
+    bbox_roi_extractor=dict(roi_layer=dict(output_size=7, sampling_ratio=0),
+                            featmap_strides=[4, 8, 16, 32], finest_scale=56),
+    bbox_head=dict(fc_out_channels=1024, roi_feat_size=7),
+    mask_roi_extractor=dict(roi_layer=dict(output_size=14, sampling_ratio=0),
+                            featmap_strides=[4, 8, 16, 32], finest_scale=56),
+    mask_head=dict(num_convs=4, conv_out_channels=256))
+TEST_CFG = dict(
+    rpn=dict(nms_pre=1000, max_per_img=1000, nms=dict(iou_threshold=0.7), min_bbox_size=0),
+    rcnn=dict(score_thr=0.05, nms=dict(iou_threshold=0.5), max_per_img=100,
+              mask_thr_binary=0.5))
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any] | None, where: str
+          ) -> dict[str, Any]:
+  """``base`` with ``override`` merged in recursively; a key ``base`` lacks is an error
+  naming it (a typo would otherwise be ignored)."""
+  out = copy.deepcopy(dict(base))
+  for key, value in (override or {}).items():
+    if key not in out:
+      raise ValueError(f"create_detector: unknown option {where}.{key}; "
+                       f"{where} has {sorted(out)}")
+    if isinstance(out[key], Mapping):
+      if not isinstance(value, Mapping):
+        raise ValueError(f"create_detector: {where}.{key} must be a dict, got {value!r}")
+      out[key] = merge(out[key], value, f"{where}.{key}")
+    else:
+      out[key] = value
+  return out
+
+
+class RoIHead(nnx.Module):
+  """mmdet's ``StandardRoIHead``: the box head and the mask head, each on RoIAlign
+  features of its own size."""
+
+  def __init__(self, cfg: Mapping[str, Any], num_classes: int, *, dtype: Dtype,
+               param_dtype: Dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    box, mask = cfg["bbox_head"], cfg["mask_head"]
+    self.cfg = cfg
+    self.bbox_head = Shared2FCBBoxHead(box["in_channels"], num_classes,
+                                       fc_out_channels=box["fc_out_channels"],
+                                       roi_feat_size=box["roi_feat_size"], **kw)
+    self.mask_head = FCNMaskHead(mask["in_channels"], num_classes,
+                                 conv_out_channels=mask["conv_out_channels"],
+                                 num_convs=mask["num_convs"], **kw)
+
+  def rois(self, maps, boxes, extractor: str) -> jax.Array:
+    """One image's RoIAlign features for ``boxes`` with the ``extractor``'s settings."""
+    cfg = self.cfg[extractor]
+    return extract_rois(maps[:len(cfg["featmap_strides"])], boxes, cfg["featmap_strides"],
+                        cfg["roi_layer"]["output_size"], cfg["finest_scale"],
+                        sampling_ratio=cfg["roi_layer"]["sampling_ratio"])
+
+
+class MaskRCNN(nnx.Module):
+  """mmdet's ``MaskRCNN``: InternImage features -> FPN -> RPN proposals -> box and mask
+  heads. Images are NHWC and already normalised; shapes are static (see ``__call__``).
+  A new detector is in evaluation mode."""
+
+  def __init__(self, backbone: InternImage, neck: FPN, rpn_head: RPNHead, roi_head: RoIHead,
+               *, anchor_strides, test_cfg: Mapping[str, Any]):
+    self.backbone = backbone
+    self.neck = neck
+    self.rpn_head = rpn_head
+    self.roi_head = roi_head
+    self.anchor_strides = tuple(anchor_strides)
+    self.test_cfg = test_cfg
+    self.eval()
+
+  def _image_shapes(self, images: jax.Array, image_shapes: jax.Array | None) -> jax.Array:
+    if images.ndim != 4 or images.shape[-1] != self.backbone.in_chans:
+      raise ValueError(f"MaskRCNN: expected NHWC images [N, H, W, {self.backbone.in_chans}], "
+                       f"got shape {tuple(images.shape)}")
+    if image_shapes is None:
+      return jnp.tile(jnp.asarray(images.shape[1:3], jnp.float32), (images.shape[0], 1))
+    image_shapes = jnp.asarray(image_shapes)
+    if image_shapes.shape != (images.shape[0], 2):
+      raise ValueError(f"MaskRCNN: image_shapes must be [N, 2] (height, width) = "
+                       f"[{images.shape[0]}, 2], got shape {tuple(image_shapes.shape)}")
+    return image_shapes
+
+  def _rpn(self, images: jax.Array, image_shapes: jax.Array):
+    maps = self.neck(self.backbone.forward_features(images))
+    logits, deltas = self.rpn_head(maps)
+    cfg = self.test_cfg["rpn"]
+    props = proposals(logits, deltas, self.anchor_strides, image_shapes,
+                      nms_pre=cfg["nms_pre"], max_per_img=cfg["max_per_img"],
+                      iou_threshold=cfg["nms"]["iou_threshold"],
+                      min_bbox_size=cfg["min_bbox_size"])
+    return maps, props
+
+  def rpn_proposals(self, images: jax.Array, image_shapes: jax.Array | None = None
+                    ) -> dict[str, jax.Array]:
+    """``{"boxes" [N, R, 4], "scores" [N, R], "num" [N]}``, ``R`` the test
+    configuration's ``rpn.max_per_img``; the real proposals first, by score."""
+    return self._rpn(images, self._image_shapes(images, image_shapes))[1]
+
+  def __call__(self, images: jax.Array, image_shapes: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """Detections: ``boxes [N, K, 4]``, ``scores [N, K]``, ``labels [N, K]``, ``masks
+    [N, K, H, W]`` (bool, at the input size) and ``num [N]``, ``K`` the test
+    configuration's ``rcnn.max_per_img``: the real detections first, by score, padding
+    zero. ``image_shapes [N, 2]`` gives each image's unpadded ``(height, width)``
+    (default: the input size); boxes are clipped to it and masks are empty beyond it."""
+    image_shapes = self._image_shapes(images, image_shapes)
+    maps, props = self._rpn(images, image_shapes)
+    cfg = self.test_cfg["rcnn"]
+    height, width = images.shape[1:3]
+    head = self.roi_head
+
+    def one_image(maps, boxes, num, image_shape):
+      logits, deltas = head.bbox_head(head.rois(maps, boxes, "bbox_roi_extractor"))
+      dets = detect(boxes, num, logits, deltas, image_shape, score_thr=cfg["score_thr"],
+                    iou_threshold=cfg["nms"]["iou_threshold"],
+                    max_per_img=cfg["max_per_img"])
+      mask_logits = head.mask_head(head.rois(maps, dets["boxes"], "mask_roi_extractor"))
+      own = jnp.take_along_axis(mask_logits, dets["labels"][:, None, None, None], axis=-1)
+      probs = paste_masks(jax.nn.sigmoid(own[..., 0]), dets["boxes"], height, width)
+      inside = ((jnp.arange(height) < image_shape[0])[:, None]
+                & (jnp.arange(width) < image_shape[1])[None, :])
+      real = jnp.arange(cfg["max_per_img"]) < dets["num"]
+      masks = (probs >= cfg["mask_thr_binary"]) & inside & real[:, None, None]
+      return {**dets, "masks": masks}
+
+    # One image at a time: the RoI stages' temporaries scale with the RoIs, not the batch.
+    return jax.lax.map(lambda args: one_image(*args),
+                       (maps, props["boxes"], props["num"], image_shapes))
+
+
+def create_detector(name: str = "mask_rcnn_internimage_t", *, num_classes: int = 80,
+                    rngs: nnx.Rngs | None = None, backbone: Mapping[str, Any] | None = None,
+                    neck: Mapping[str, Any] | None = None,
+                    rpn_head: Mapping[str, Any] | None = None,
+                    roi_head: Mapping[str, Any] | None = None,
+                    test_cfg: Mapping[str, Any] | None = None, dtype: Dtype = None,
+                    param_dtype: Dtype = jnp.float32) -> MaskRCNN:
+  """Builds an official Mask R-CNN (``"mask_rcnn_internimage_t"``, ``_s``, ``_b``).
+
+  ``backbone`` overrides :class:`InternImage`'s options; ``neck``, ``rpn_head``,
+  ``roi_head`` and ``test_cfg`` take mmdet's own config keys (without ``type``), merged
+  recursively into the official configuration, e.g. ``roi_head=dict(bbox_roi_extractor=
+  dict(finest_scale=16), bbox_head=dict(fc_out_channels=64))``. The neck's input channels
+  follow the backbone, and the heads' input channels the neck, unless given.
+  """
+  if name not in DETECTORS:
+    raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}")
+  for option in ("num_classes", "use_clip_projector", "features_only"):
+    if option in (backbone or {}):
+      raise ValueError(f"create_detector: {option} is not an option of the detection "
+                       "backbone (it has no classification head)")
+  options = {**DETECTORS[name], **(backbone or {})}
+  # Every configuration is checked before anything is built.
+  neck_cfg = merge({**NECK, "in_channels": [options["channels"] << i for i in range(4)]},
+                   neck, "neck")
+  width = neck_cfg["out_channels"]
+  rpn_cfg = merge({**RPN_HEAD, "in_channels": width, "feat_channels": width}, rpn_head,
+                  "rpn_head")
+  roi_base = copy.deepcopy(ROI_HEAD)
+  for part in ("bbox_roi_extractor", "mask_roi_extractor"):
+    roi_base[part]["out_channels"] = width
+  for part in ("bbox_head", "mask_head"):
+    roi_base[part]["in_channels"] = width
+  roi_cfg = merge(roi_base, roi_head, "roi_head")
+  test = merge(TEST_CFG, test_cfg, "test_cfg")
+  for part, head in (("bbox_roi_extractor", "bbox_head"), ("mask_roi_extractor", "mask_head")):
+    if roi_cfg[part]["out_channels"] != roi_cfg[head]["in_channels"]:
+      raise ValueError(f"create_detector: roi_head.{part}.out_channels "
+                       f"({roi_cfg[part]['out_channels']}) must equal roi_head.{head}."
+                       f"in_channels ({roi_cfg[head]['in_channels']})")
+  size = roi_cfg["bbox_roi_extractor"]["roi_layer"]["output_size"]
+  if roi_cfg["bbox_head"]["roi_feat_size"] != size:
+    raise ValueError(f"create_detector: roi_head.bbox_head.roi_feat_size "
+                     f"({roi_cfg['bbox_head']['roi_feat_size']}) must equal the box RoI "
+                     f"extractor's roi_layer.output_size ({size})")
+  for stage, key in (("rpn", "max_per_img"), ("rcnn", "max_per_img")):
+    if test[stage][key] < 1:
+      raise ValueError(f"create_detector: test_cfg.{stage}.{key} must be positive (it is "
+                       f"the number of output slots), got {test[stage][key]}")
+  anchors = rpn_cfg["anchor_generator"]
+  if len(anchors["strides"]) != neck_cfg["num_outs"]:
+    raise ValueError(f"create_detector: rpn_head.anchor_generator.strides has "
+                     f"{len(anchors['strides'])} levels, the neck {neck_cfg['num_outs']}")
+  if list(anchors["scales"]) != [8] or list(anchors["ratios"]) != [0.5, 1.0, 2.0]:
+    raise ValueError("create_detector: only the official anchors (scales [8], ratios "
+                     "[0.5, 1.0, 2.0]) are supported")
+  rngs = rngs if rngs is not None else nnx.Rngs(0)
+  common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  net = InternImage(features_only=True, num_classes=0, **common, **options)
+  fpn = FPN(neck_cfg["in_channels"], neck_cfg["out_channels"], neck_cfg["num_outs"], **common)
+  rpn = RPNHead(rpn_cfg["in_channels"], rpn_cfg["feat_channels"], num_anchors=3, **common)
+  heads = RoIHead(roi_cfg, num_classes, **common)
+  return MaskRCNN(net, fpn, rpn, heads, anchor_strides=anchors["strides"], test_cfg=test)
