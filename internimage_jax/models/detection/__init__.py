@@ -1,8 +1,9 @@
 """Object detection: Mask R-CNN on InternImage, as mmdetection computes it (spec
-``detection.md``). So far the inference pieces: anchors, the box coder, NMS, the FPN neck,
-the RPN head and its proposals, RoI features, the box head and its detections, the mask
-head and mask pasting, and the detector (``create_detector``) that joins them for
-inference."""
+``detection.md``): anchors, the box coder, NMS, the FPN neck, the RPN head and its
+proposals, RoI features, the box head and its detections, the mask head and mask
+pasting, the training targets and losses (``losses.py``), and the detector
+(``create_detector``: inference and ``loss``). Training through ``train.py`` is not
+there yet."""
 
 from internimage_jax.models.detection.boxes import anchors, compact, decode, encode, iou, nms
 from internimage_jax.models.detection.detector import (

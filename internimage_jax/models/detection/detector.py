@@ -39,6 +39,12 @@ ROI_HEAD = dict(
     mask_roi_extractor=dict(roi_layer=dict(output_size=14, sampling_ratio=0),
                             featmap_strides=[4, 8, 16, 32], finest_scale=56),
     mask_head=dict(num_convs=4, conv_out_channels=256))
+# mmdet's train_cfg of the official configs (spec section 10).
+TRAIN_CFG = dict(
+    rpn=dict(sampler=dict(num=256, pos_fraction=0.5)),
+    rpn_proposal=dict(nms_pre=2000, max_per_img=1000, nms=dict(iou_threshold=0.7),
+                      min_bbox_size=0),
+    rcnn=dict(sampler=dict(num=512, pos_fraction=0.25), mask_size=28))
 TEST_CFG = dict(
     rpn=dict(nms_pre=1000, max_per_img=1000, nms=dict(iou_threshold=0.7), min_bbox_size=0),
     rcnn=dict(score_thr=0.05, nms=dict(iou_threshold=0.5), max_per_img=100,
@@ -100,6 +106,7 @@ class MaskRCNN(nnx.Module):
     self.roi_head = roi_head
     self.anchor_strides = tuple(anchor_strides)
     self.test_cfg = test_cfg
+    self.train_cfg = TRAIN_CFG
     self.eval()
 
   def _image_shapes(self, images: jax.Array, image_shapes: jax.Array | None) -> jax.Array:
@@ -129,6 +136,21 @@ class MaskRCNN(nnx.Module):
     """``{"boxes" [N, R, 4], "scores" [N, R], "num" [N]}``, ``R`` the test
     configuration's ``rpn.max_per_img``; the real proposals first, by score."""
     return self._rpn(images, self._image_shapes(images, image_shapes))[1]
+
+  def loss(self, images: jax.Array, targets: dict[str, jax.Array],
+           samples: dict[str, jax.Array] | None = None, *, key: jax.Array | None = None,
+           image_shapes: jax.Array | None = None) -> dict[str, jax.Array]:
+    """mmdet's five training losses (``loss_rpn_cls``, ``loss_rpn_bbox``, ``loss_cls``,
+    ``loss_bbox``, ``loss_mask``), each averaged over the whole batch as mmdet does.
+
+    ``targets``: ``boxes [N, G, 4]``, ``labels [N, G]``, ``masks [N, G, H, W]`` (0/1 at
+    the input size) and ``num [N]`` (real ground truths first). The RPN's and the RoI
+    head's samples are drawn with ``key`` (``RandomSampler``), or given as ``samples``:
+    index arrays ``rpn_pos``, ``rpn_neg`` (into all anchors, levels concatenated),
+    ``rcnn_pos``, ``rcnn_neg`` (into the ground truths followed by the training
+    proposals), each ``[N, n]`` with -1 as padding.
+    """
+    return detector_loss(self, images, targets, samples, key=key, image_shapes=image_shapes)
 
   def __call__(self, images: jax.Array, image_shapes: jax.Array | None = None
                ) -> dict[str, jax.Array]:
@@ -225,3 +247,99 @@ def create_detector(name: str = "mask_rcnn_internimage_t", *, num_classes: int =
   rpn = RPNHead(rpn_cfg["in_channels"], rpn_cfg["feat_channels"], num_anchors=3, **common)
   heads = RoIHead(roi_cfg, num_classes, **common)
   return MaskRCNN(net, fpn, rpn, heads, anchor_strides=anchors["strides"], test_cfg=test)
+
+
+def detector_loss(det: MaskRCNN, images: jax.Array, targets: dict[str, jax.Array],
+                  samples: dict[str, jax.Array] | None = None, *, key: jax.Array | None = None,
+                  image_shapes: jax.Array | None = None) -> dict[str, jax.Array]:
+  """mmdet's five Mask R-CNN losses for a batch (spec section 10); see ``MaskRCNN.loss``."""
+  from internimage_jax.models.detection import losses
+  from internimage_jax.models.detection.boxes import anchors as level_anchors
+
+  if (samples is None) == (key is None):
+    raise ValueError("MaskRCNN.loss: pass either key (random sampling) or samples (fixed)")
+  for name in ("boxes", "labels", "masks", "num"):
+    if name not in targets:
+      raise ValueError(f"MaskRCNN.loss: targets need {name!r} (boxes [N, G, 4], labels "
+                       "[N, G], masks [N, G, H, W], num [N])")
+  image_shapes = det._image_shapes(images, image_shapes)
+  batch = images.shape[0]
+  maps = det.neck(det.backbone.forward_features(images))
+  logits, deltas = det.rpn_head(maps)
+  train = det.train_cfg
+  cfg = train["rpn_proposal"]
+  props = proposals([jax.lax.stop_gradient(x) for x in logits],
+                    [jax.lax.stop_gradient(x) for x in deltas], det.anchor_strides,
+                    image_shapes, nms_pre=cfg["nms_pre"], max_per_img=cfg["max_per_img"],
+                    iou_threshold=cfg["nms"]["iou_threshold"],
+                    min_bbox_size=cfg["min_bbox_size"])
+  priors = jnp.concatenate([jnp.asarray(level_anchors(x.shape[1:3], s, dtype=jnp.float32))
+                            for x, s in zip(logits, det.anchor_strides)])
+  flat_logits = jnp.concatenate([x.reshape(batch, -1) for x in logits], axis=1)
+  flat_deltas = jnp.concatenate([x.reshape(batch, -1, 4) for x in deltas], axis=1)
+  rpn_sampler, rcnn_sampler = train["rpn"]["sampler"], train["rcnn"]["sampler"]
+  head = det.roi_head
+  classes = head.bbox_head.num_classes
+  mask_slots = int(rcnn_sampler["num"] * rcnn_sampler["pos_fraction"])  # positives at most
+  keys = (jax.random.split(key, batch) if key is not None
+          else jnp.zeros((batch,), jnp.uint32))  # unused with fixed samples
+
+  def one_image(args):
+    (maps_i, logit, delta, boxes, num, gt, labels, masks, num_gt, shape, key_i,
+     fixed) = args
+    gt_valid = jnp.arange(gt.shape[0]) < num_gt
+    a = priors.shape[0]
+    assigned = losses.assign(priors, gt, gt_valid, losses.RPN_ASSIGNER)
+    if fixed is None:
+      rpn_key, rcnn_key = jax.random.split(key_i)
+      pos, neg = losses.sample(rpn_key, assigned, rpn_sampler["num"],
+                               rpn_sampler["pos_fraction"])
+    else:
+      pos = losses.from_indices(a, fixed["rpn_pos"])
+      neg = losses.from_indices(a, fixed["rpn_neg"])
+    rpn = losses.rpn_terms(logit, delta, priors, gt, assigned, pos, neg)
+    # The RoI head's candidates: the ground truths first (add_gt_as_proposals), then the
+    # training proposals.
+    candidates = jnp.concatenate([gt.astype(boxes.dtype), boxes])
+    valid = jnp.concatenate([gt_valid, jnp.arange(boxes.shape[0]) < num])
+    assigned = jnp.where(valid, losses.assign(candidates, gt, gt_valid,
+                                              losses.RCNN_ASSIGNER), -1)
+    if fixed is None:
+      pos, neg = losses.sample(rcnn_key, assigned, rcnn_sampler["num"],
+                               rcnn_sampler["pos_fraction"], valid)
+    else:
+      size = candidates.shape[0]
+      pos = losses.from_indices(size, fixed["rcnn_pos"])
+      neg = losses.from_indices(size, fixed["rcnn_neg"])
+    # Sampled RoIs in fixed slots: the positives, then the negatives, then padding.
+    slots = rcnn_sampler["num"]
+    order = jnp.argsort(jnp.where(pos, 0, jnp.where(neg, 1, 2)), stable=True)[:slots]
+    taken = jnp.arange(slots) < jnp.sum(pos | neg)
+    positive = jnp.arange(slots) < jnp.sum(pos)
+    rois, assigned = candidates[order], assigned[order]
+    roi_labels, roi_targets = losses.rcnn_targets(rois, gt, labels, assigned, positive, classes)
+    cls, reg = head.bbox_head(head.rois(maps_i, rois, "bbox_roi_extractor"))
+    rcnn = losses.rcnn_terms(cls, reg, roi_labels, roi_targets, positive, taken)
+    pos_rois, mask_pos = rois[:mask_slots], positive[:mask_slots]
+    gt_index = jnp.maximum(assigned[:mask_slots] - 1, 0)
+    mask_targets = losses.mask_targets(masks, pos_rois, gt_index, shape,
+                                       size=train["rcnn"]["mask_size"])
+    mask_logits = head.mask_head(head.rois(maps_i, pos_rois, "mask_roi_extractor"))
+    own = jnp.take_along_axis(mask_logits, jnp.minimum(roi_labels[:mask_slots], classes - 1)
+                              [:, None, None, None], axis=-1)[..., 0]
+    mask = losses.mask_terms(own, mask_targets, mask_pos)
+    return (*rpn, *rcnn, *mask)
+
+  fixed = None
+  if samples is not None:
+    fixed = {k: jnp.asarray(samples[k]) for k in ("rpn_pos", "rpn_neg", "rcnn_pos", "rcnn_neg")}
+  args = (maps, flat_logits, flat_deltas, props["boxes"], props["num"],
+          jnp.asarray(targets["boxes"]), jnp.asarray(targets["labels"]),
+          jnp.asarray(targets["masks"]), jnp.asarray(targets["num"]), image_shapes, keys, fixed)
+  (rpn_cls, rpn_bbox, rpn_count, cls, bbox, rcnn_count, mask, mask_count) = (
+      jnp.sum(t) for t in jax.lax.map(one_image, args))
+  eps = losses.EPS
+  return {"loss_rpn_cls": rpn_cls / (rpn_count + eps),
+          "loss_rpn_bbox": rpn_bbox / (rpn_count + eps),
+          "loss_cls": cls / (rcnn_count + eps), "loss_bbox": bbox / (rcnn_count + eps),
+          "loss_mask": mask / jnp.maximum(mask_count, 1)}
