@@ -77,17 +77,20 @@ def encode(boxes: jax.Array, targets: jax.Array, stds: Sequence[float] = RCNN_ST
   return deltas / jnp.asarray(stds, jnp.float32)
 
 
-def iou(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``[..., N, M]`` intersection over union of ``a [..., N, 4]`` and ``b [..., M, 4]``
-  (mmcv's NMS rule: ``inter / (area_a + area_b - inter)``; 0/0 is NaN, which suppresses
-  nothing)."""
+def iou(a: jax.Array, b: jax.Array, min_union: float | None = None) -> jax.Array:
+  """``[..., N, M]`` intersection over union of ``a [..., N, 4]`` and ``b [..., M, 4]``.
+
+  By default mmcv's NMS rule, ``inter / (area_a + area_b - inter)`` (0/0 is NaN, which
+  suppresses nothing); ``min_union`` clamps the union from below, as mmdet's
+  ``bbox_overlaps`` does for the assigners (1e-6)."""
   lt = jnp.maximum(a[..., :, None, :2], b[..., None, :, :2])
   rb = jnp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
   wh = jnp.maximum(rb - lt, 0)
   inter = wh[..., 0] * wh[..., 1]
   area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
   area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-  return inter / (area_a[..., :, None] + area_b[..., None, :] - inter)
+  union = area_a[..., :, None] + area_b[..., None, :] - inter
+  return inter / (union if min_union is None else jnp.maximum(union, min_union))
 
 
 def nms(boxes: jax.Array, valid: jax.Array, threshold: float,

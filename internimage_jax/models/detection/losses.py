@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from internimage_jax.models.detection.boxes import RCNN_STDS, RPN_STDS, encode
+from internimage_jax.models.detection.boxes import iou as boxes_iou
 from internimage_jax.ops import roi_align
 
 # mmdet's weight_reduce_loss adds float32's machine epsilon to every average factor.
@@ -29,18 +30,6 @@ RPN_ASSIGNER = Assigner(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3)
 RCNN_ASSIGNER = Assigner(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5)
 
 
-def overlaps(gt: jax.Array, boxes: jax.Array) -> jax.Array:
-  """mmdet's ``bbox_overlaps`` (IoU mode): ``[G, M]``, the union clamped at 1e-6."""
-  lt = jnp.maximum(gt[:, None, :2], boxes[None, :, :2])
-  rb = jnp.minimum(gt[:, None, 2:], boxes[None, :, 2:])
-  wh = jnp.maximum(rb - lt, 0)
-  inter = wh[..., 0] * wh[..., 1]
-  area_g = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
-  area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-  union = jnp.maximum(area_g[:, None] + area_b[None, :] - inter, 1e-6)
-  return inter / union
-
-
 def assign(boxes: jax.Array, gt: jax.Array, gt_valid: jax.Array, cfg: Assigner) -> jax.Array:
   """``MaxIoUAssigner`` with ``match_low_quality``: per box ``-1`` ignore, ``0`` negative,
   ``k > 0`` positive for ground truth ``k - 1``.
@@ -55,7 +44,8 @@ def assign(boxes: jax.Array, gt: jax.Array, gt_valid: jax.Array, cfg: Assigner) 
   of the ``det_mini_t`` golden are assigned differently; with float32, none).
   """
   gt, boxes = gt.astype(jnp.float32), boxes.astype(jnp.float32)
-  iou = jnp.where(gt_valid[:, None], overlaps(gt, boxes), 0)  # [G, M]
+  # mmdet's bbox_overlaps: the union clamped at 1e-6.
+  iou = jnp.where(gt_valid[:, None], boxes_iou(gt, boxes, min_union=1e-6), 0)  # [G, M]
   best = jnp.max(iou, axis=0)
   best_gt = jnp.argmax(iou, axis=0)
   assigned = jnp.full(boxes.shape[:1], -1, jnp.int32)
