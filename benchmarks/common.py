@@ -62,9 +62,15 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
   return statistics.median(times)
 
 
-# Classes of the synthetic batches: ImageNet-1K, and ADE20K for the UperNet recipes.
-NUM_CLASSES = {"classification": 1000, "segmentation": 150}
+# Classes of the synthetic batches: ImageNet-1K, ADE20K for the UperNet recipes and
+# COCO for the Mask R-CNN ones.
+NUM_CLASSES = {"classification": 1000, "segmentation": 150, "detection": 80}
 SEGMENTOR_PREFIX = "upernet_internimage_"
+DETECTOR_PREFIX = "mask_rcnn_internimage_"
+# ``--options`` entries that configure a segmentor's heads / a detector's parts
+# (dicts merged into ``cfg.model.<name>``), not the backbone.
+SEGMENTOR_OPTIONS = ("decode_head", "auxiliary_head")
+DETECTOR_OPTIONS = ("neck", "rpn_head", "roi_head", "test_cfg", "train_cfg")
 
 
 def segmentation_recipe(model: str):
@@ -88,27 +94,34 @@ def train_config(model: str, image_size: int, global_batch: int, mesh: str, rema
                  options: dict | None = None):
   """The config of ``train.py`` for a model and step shape (no data, nothing built):
   ``internimage_*`` the ImageNet recipe, ``upernet_internimage_*`` the ADE20K one
-  (``segmentation_recipe``) with crop ``image_size``. ``ema`` None: the recipe's (on for ImageNet, off for ADE20K);
-  ``options`` override the backbone's constructor options, and for a segmentor its
-  entries ``decode_head`` / ``auxiliary_head`` (dicts) the heads' (small tests)."""
-  from internimage_jax.training.config import base_config
+  (``segmentation_recipe``) with crop ``image_size``, ``mask_rcnn_internimage_*`` the
+  COCO 1x one (``mask_rcnn_coco``) with canvas ``image_size``. ``ema`` None: the
+  recipe's (on for ImageNet, off for ADE20K and COCO); ``options`` override the
+  backbone's constructor options, and for a segmentor its entries ``decode_head`` /
+  ``auxiliary_head``, for a detector ``neck`` / ``rpn_head`` / ``roi_head`` /
+  ``test_cfg`` / ``train_cfg`` (dicts, merged into ``cfg.model.<entry>``) the other
+  parts' (small tests)."""
+  from internimage_jax.training.config import base_config, mask_rcnn_coco
 
   if model.startswith(SEGMENTOR_PREFIX):
     cfg = segmentation_recipe(model)
+  elif model.startswith(DETECTOR_PREFIX):
+    cfg = mask_rcnn_coco(base_config(), model[len(DETECTOR_PREFIX):], "1x")
   else:
     cfg = base_config()
     cfg.model.name = model
   cfg.model.remat = remat
   options = dict(options or {})
-  for head in ("decode_head", "auxiliary_head"):
-    if head in options:
-      if cfg.task != "segmentation":
-        raise SystemExit(f"--options {head}: only a segmentor has one")
-      cfg.model[head].update(options.pop(head))
+  for task, parts in (("segmentation", SEGMENTOR_OPTIONS), ("detection", DETECTOR_OPTIONS)):
+    for part in parts:
+      if part in options:
+        if cfg.task != task:
+          raise SystemExit(f"--options {part}: only a {task} model has one")
+        cfg.model[part].update(options.pop(part))
   cfg.model.overrides.update(options)
-  # The crop of a segmentation recipe: the train step's batch shape. The host-side
-  # resize and evaluation sizes (config.aug, config.eval) keep the recipe's values:
-  # no step measured here reads them.
+  # The crop of a segmentation recipe, the canvas of a detection one: the train step's
+  # batch shape. The host-side resize and evaluation sizes (config.aug, config.eval)
+  # keep the recipe's values: no step measured here reads them.
   cfg.data.image_size = image_size
   cfg.train.update(global_batch=global_batch, accum_steps=accum_steps,
                    compute_dtype=compute_dtype)
@@ -122,21 +135,51 @@ def train_config(model: str, image_size: int, global_batch: int, mesh: str, rema
 def synthetic_batch(program, batch: int, seed: int = 0) -> dict:
   """A global training batch of ``program.task.batch_shapes``, made on the devices in
   the program's batch sharding: random uint8 images, labels random in
-  ``[0, num_classes)``, valid sizes the full image."""
+  ``[0, num_classes)``, valid sizes the full image. Detection entries: in each image
+  ``min(max_instances, 8)`` random boxes (x1, y1, x2, y2 pixels; sides 1/8 to 1/2 of the
+  canvas, at least 1/16 of it from its edges), ``masks`` the filled boxes (packed along
+  the width, as ``np.packbits``), ``labels`` random, ``num`` that count; the other slots
+  zero."""
   import jax
   import jax.numpy as jnp
 
   shapes = program.task.batch_shapes(batch, train=True)
+  canvas = shapes["image"][0][1]
+  if "boxes" in shapes:
+    slots = shapes["boxes"][0][1]
+    objects = min(slots, 8)
 
   def make(key):
     out = {}
-    for (name, (shape, dtype)), k in zip(shapes.items(), jax.random.split(key, len(shapes))):
+    keys = dict(zip(shapes, jax.random.split(key, len(shapes))))
+    if "boxes" in shapes:
+      side_key, corner_key = jax.random.split(keys["boxes"])
+      side = jax.random.uniform(side_key, (batch, slots, 2), minval=canvas / 8,
+                                maxval=canvas / 2)
+      margin = canvas / 16
+      corner = margin + jax.random.uniform(corner_key, (batch, slots, 2)) * (
+          canvas - 2 * margin - side)
+      real = (jnp.arange(slots) < objects)[None, :, None]
+      boxes = jnp.where(real, jnp.concatenate([corner, corner + side], -1), 0.0)
+    for name, (shape, dtype) in shapes.items():
+      k = keys[name]
       if name == "image":
         value = jax.random.randint(k, shape, 0, 256)
-      elif name == "label":
+      elif name in ("label", "labels"):
         value = jax.random.randint(k, shape, 0, program.num_classes)
+        if name == "labels":
+          value = jnp.where(jnp.arange(slots) < objects, value, 0)
       elif name == "size":  # (h, w) of the valid region: the whole image
         value = jnp.broadcast_to(jnp.array(shapes["image"][0][1:3]), shape)
+      elif name == "boxes":
+        value = boxes
+      elif name == "num":
+        value = jnp.full(shape, objects)
+      elif name == "masks":  # the filled boxes: pixel centres inside, packed along x
+        centre = jnp.arange(canvas) + 0.5
+        rows = ((centre >= boxes[..., 1, None]) & (centre < boxes[..., 3, None]))
+        cols = ((centre >= boxes[..., 0, None]) & (centre < boxes[..., 2, None]))
+        value = jnp.packbits(rows[..., :, None] & cols[..., None, :], axis=-1)
       else:
         raise ValueError(f"synthetic_batch: no rule for batch entry {name!r}")
       out[name] = value.astype(dtype)

@@ -11,7 +11,10 @@ with clipping and LR groups, EMA) for ``--devices`` fake CPU devices, compiles i
 ahead of time and prints one JSON line: ``compiled.memory_analysis()`` per device
 (argument, output, alias, temp and total bytes), the compile time, and the bytes
 per device of the parameters and of the whole train state. An ``upernet_internimage_*``
-model is the ADE20K recipe of its size (150 classes, crop ``--image-size``, no EMA).
+model is the ADE20K recipe of its size (150 classes, crop ``--image-size``, no EMA), a
+``mask_rcnn_internimage_*`` one the COCO 1x recipe (80 classes, canvas ``--image-size``,
+a multiple of 32, no EMA; ``--options`` entries ``neck``, ``rpn_head``, ``roi_head``,
+``test_cfg``, ``train_cfg`` configure its other parts): ``benchmarks.common.train_config``.
 
 Expected for the command above (2-core AMD EPYC, jax 0.10.2, 2026-12-03): total
 17.57 GB (16.37 GiB) per device, of which 2.20 GB is the sharded state (17.43 GB in

@@ -418,6 +418,9 @@ def _read_converted(directory: Path, use_ema: bool) -> dict[str, np.ndarray]:
     if name.startswith("upernet_"):
       build = lambda: models.create_segmentor(  # noqa: E731
           name, num_classes=meta.get("num_classes", 150), rngs=nnx.Rngs(0), **options)
+    elif name.startswith("mask_rcnn_"):
+      build = lambda: models.create_detector(  # noqa: E731
+          name, num_classes=meta.get("num_classes", 80), rngs=nnx.Rngs(0), **options)
     else:
       build = lambda: models.create(  # noqa: E731
           name, num_classes=meta.get("num_classes"), rngs=nnx.Rngs(0), **options)

@@ -1,9 +1,12 @@
-"""Classify images with an InternImage checkpoint and print the top-5 classes, or segment
-them with an UperNet checkpoint and write colour overlays and label maps.
+"""Classify images with an InternImage checkpoint and print the top-5 classes, segment
+them with an UperNet checkpoint and write colour overlays and label maps, or detect
+objects with a Mask R-CNN checkpoint and draw their masks, boxes and labels.
 
     python -m internimage_jax.predict --model internimage_t --checkpoint DIR image.jpg ...
     python -m internimage_jax.predict --task segmentation --model upernet_internimage_t \
         --checkpoint CKPT image.jpg [more.jpg ...] --out overlay.png [--slide]
+    python -m internimage_jax.predict --task detection --model mask_rcnn_internimage_t \
+        --checkpoint CKPT image.jpg [more.jpg ...] --out boxes.png [--score-thr 0.3]
 
 ``--checkpoint`` is an orbax directory from ``internimage_jax.convert`` (or
 ``convert.save_orbax``; its ``model.json`` gives the options of a non-official size) or
@@ -26,6 +29,23 @@ with one image, the overlay is ``--out`` itself and the labels ``<out stem>_labe
 with several, ``<out stem>_<image stem><out suffix>`` and
 ``<out stem>_<image stem>_labels.png`` (when two images share a stem, every name gets
 the image's 1-based position too: ``<out stem>_<n>_<image stem>...``).
+
+Detection follows mmdet's Mask R-CNN test pipeline (spec ``detection.md`` section 12): a
+keep-ratio resize to fit (1333, 800) (bilinear as OpenCV; ``--img-scale LONG SHORT`` to
+change, small sizes make it usable on CPU), ImageNet mean/std, zeros padded after the
+bottom and right to multiples of 32 after normalisation; the network is told the resized,
+unpadded size. As mmdet with ``rescale=True`` (``MaskRCNN.detections``), the boxes are
+divided by the resize factors before the NMS, and each kept detection's 28x28 mask is
+pasted into its box at the original size (not resized from a mask at the test size). ``--checkpoint`` is an mmdet ``.pth`` /
+``.safetensors`` (``backbone.*``, ``neck.*``, ``rpn_head.*``, ``roi_head.*``), an orbax
+directory or a train.py run (``model.json``: ``create_detector``'s options), or a
+published tag that ``internimage_jax.pretrained`` lists for it. Per image it
+writes only the overlay (named as the segmentation overlays): each detection with score
+above ``--score-thr`` (default 0.3) drawn over the image, its mask blended in its class's
+colour (``--opacity``), its box and a ``name score`` label; and prints one line per
+detection, best first: class name, score, box ``x1 y1 x2 y2`` in the original image's
+pixels and the mask's area in pixels. Class names: COCO's 80 (mmdet's order) for 80
+classes, else a train.py run's ``class_names`` or ``class i``.
 """
 
 from __future__ import annotations
@@ -94,8 +114,10 @@ def load_model(model_name: str, checkpoint: str | Path, num_classes: int | None 
     raise ValueError("--use-ema reads the EMA copy of a .pth file; pass its path")
   entry = pretrained.entry_of(checkpoint, model_name)
   if entry is not None and entry.holds != "classifier":
+    task, prefix = {"segmentor": ("segmentation", "upernet_"),
+                    "detector": ("detection", "mask_rcnn_")}.get(entry.holds, ("?", ""))
     raise ValueError(f"{entry.filename} is a {entry.holds}'s checkpoint; pass --task "
-                     "segmentation and the upernet_ model")
+                     f"{task} and the {prefix} model")
   checkpoint, entry = pretrained.resolve(checkpoint, model_name)
   metadata = convert.read_model_json(checkpoint) if Path(checkpoint).is_dir() else {}
   if num_classes is None:
@@ -161,8 +183,8 @@ def load_segmentor(model_name: str, checkpoint: str | Path, num_classes: int | N
   segmentor_options(model_name)  # a clear error for an unknown name
   entry = pretrained.entry_of(checkpoint, model_name.removeprefix("upernet_"))
   if entry is not None and entry.holds != "segmentor":
-    raise ValueError(f"{entry.filename} is a classification checkpoint; the UperNet's "
-                     "is 'ade20k'")
+    kind = "classification" if entry.holds == "classifier" else f"{entry.holds}'s"
+    raise ValueError(f"{entry.filename} is a {kind} checkpoint; the UperNet's is 'ade20k'")
   checkpoint, _ = pretrained.resolve(checkpoint, model_name.removeprefix("upernet_"))
   if not Path(checkpoint).exists():  # before building a model of up to a billion parameters
     raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -321,46 +343,296 @@ def _segment_main(args: argparse.Namespace) -> int:
   return 1 if failed else 0
 
 
+# --- detection ----------------------------------------------------------------------------
+
+DET_IMG_SCALE = (1333, 800)
+PASTE_CHUNK = 8  # masks pasted per call at the original size (one program per image size)
+DETECTOR_OPTIONS = ("backbone", "neck", "rpn_head", "roi_head", "test_cfg", "train_cfg")
+
+
+@cache
+def coco_classes() -> tuple[str, ...]:
+  """COCO's 80 detection class names in mmdet's label order (person ... toothbrush)."""
+  text = resources.files("internimage_jax").joinpath("data/coco_classes.txt").read_text()
+  names = tuple(line.strip() for line in text.splitlines() if line.strip())
+  assert len(names) == 80, len(names)
+  return names
+
+
+def det_preprocess(image: Image.Image, img_scale: Sequence[int] = DET_IMG_SCALE,
+                   size_divisor: int = SIZE_DIVISOR
+                   ) -> tuple[np.ndarray, tuple[int, int], tuple[float, float]]:
+  """mmdet's test transform: a keep-ratio resize to fit ``img_scale`` (bilinear, as
+  OpenCV), ImageNet mean/std, then zeros after the bottom and right up to multiples of
+  ``size_divisor``. Returns the padded ``[H, W, 3]`` float32 image, the resized unpadded
+  ``(h, w)`` and the resize factors ``(w_scale, h_scale)`` (new / original size)."""
+  from internimage_jax.training.segmentation.transforms import rescale_size, resize_bilinear
+
+  w, h = image.size
+  new_w, new_h = rescale_size(w, h, tuple(img_scale))
+  resized = _normalise(resize_bilinear(np.asarray(image), (new_h, new_w)))
+  ph, pw = (-(-n // size_divisor) * size_divisor for n in (new_h, new_w))
+  padded = np.zeros((ph, pw, 3), np.float32)
+  padded[:new_h, :new_w] = resized
+  return padded, (new_h, new_w), (new_w / w, new_h / h)
+
+
+def load_detector(model_name: str, checkpoint: str | Path, num_classes: int | None = None,
+                  use_ema: bool = False):
+  """Builds the Mask R-CNN ``model_name`` and loads it (mmdet's layout; ``checkpoint``
+  a path, or a published tag where ``internimage_jax.pretrained`` has one). An orbax
+  directory's or a train.py run's ``model.json`` (``{"model", "num_classes", "options":
+  {"backbone", "neck", "rpn_head", "roi_head", "test_cfg", "train_cfg"}}``, the arguments of
+  ``create_detector``) gives a non-official configuration; otherwise the official one
+  with ``num_classes`` (default 80, COCO)."""
+  from internimage_jax import convert, pretrained
+  from internimage_jax.models.detection import DETECTORS, create_detector
+
+  if model_name not in DETECTORS:
+    raise ValueError(f"unknown detector {model_name!r}; choose one of {sorted(DETECTORS)}")
+  backbone = model_name.removeprefix("mask_rcnn_")
+  if use_ema and not pretrained.is_path(checkpoint):
+    raise ValueError("--use-ema reads the EMA copy of a .pth file; pass its path")
+  entry = pretrained.entry_of(checkpoint, backbone)
+  if entry is not None and entry.holds != "detector":
+    kind = "classification" if entry.holds == "classifier" else f"{entry.holds}'s"
+    tags = pretrained.tags_holding(backbone, "detector")
+    raise ValueError(f"{entry.filename} is a {kind} checkpoint; the Mask R-CNN's: "
+                     f"{tags or 'none published'}")
+  checkpoint, _ = pretrained.resolve(checkpoint, backbone)
+  if not Path(checkpoint).exists():  # before building a model of tens of millions
+    raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+  metadata = convert.read_model_json(checkpoint) if Path(checkpoint).is_dir() else {}
+  task = metadata.get("task", "detection")
+  if task != "detection":
+    raise ValueError(f"{checkpoint} holds a {task} model ({metadata.get('model')}); pass "
+                     f"--task {task}")
+  options = metadata.get("options", {})
+  if set(options) - set(DETECTOR_OPTIONS):
+    raise ValueError(f"{checkpoint}: model.json's options {sorted(options)} are not a "
+                     f"detector's ({', '.join(DETECTOR_OPTIONS)}); model "
+                     f"{metadata.get('model')!r}")
+  if num_classes is None:
+    num_classes = metadata.get("num_classes", 80)
+  # A weights file is read (and a bad one refused) before the model is built.
+  state = None if Path(checkpoint).is_dir() else convert.read_state_dict(checkpoint, use_ema)
+  det = create_detector(model_name, num_classes=num_classes, **options)
+  if state is None:
+    convert.load_checkpoint(det, checkpoint, use_ema=use_ema)
+  else:
+    convert.load_state_dict(det, state)
+  det.eval()
+  return det
+
+
+def det_classes(num_classes: int, checkpoint: str | Path | None = None) -> list[str]:
+  """Class names: a train.py run's ``class_names`` (its ``model.json``) when it has one
+  per class, COCO's for 80 classes, otherwise ``class i``."""
+  from internimage_jax import convert
+
+  if checkpoint is not None and Path(checkpoint).is_dir():
+    names = convert.read_model_json(checkpoint).get("class_names")
+    if isinstance(names, list) and len(names) == num_classes:
+      return [str(n) for n in names]
+  if num_classes == 80:
+    return list(coco_classes())
+  return [f"class {i}" for i in range(num_classes)]
+
+
+def det_palette(num_classes: int) -> np.ndarray:
+  """A colour per class (uint8 ``[num_classes, 3]``), the same in every run: hues a
+  golden-ratio turn apart, so that neighbouring labels differ."""
+  import colorsys
+
+  hues = (np.arange(num_classes) * 0.6180339887498949) % 1.0
+  rgb = [colorsys.hsv_to_rgb(hue, 0.75, 0.95) for hue in hues]
+  return np.rint(np.asarray(rgb, np.float64).reshape(-1, 3) * 255).astype(np.uint8)
+
+
+@nnx.jit
+def _detections(det, images: jax.Array, image_shapes: jax.Array,
+                original_shapes: jax.Array) -> dict[str, jax.Array]:
+  return det.detections(images, image_shapes, original_shapes=original_shapes)
+
+
+@partial(jax.jit, static_argnames=("height", "width"))
+def _paste(probs: jax.Array, boxes: jax.Array, threshold: jax.Array, height: int,
+           width: int) -> jax.Array:
+  from internimage_jax.models.detection import paste_masks
+
+  return paste_masks(probs, boxes, height, width) >= threshold
+
+
+def detect_objects(det, image: Image.Image, img_scale: Sequence[int] = DET_IMG_SCALE,
+                   score_thr: float = 0.3) -> dict[str, np.ndarray]:
+  """The detections of one image with score above ``score_thr``, best first, in the
+  original image's pixels: ``boxes [n, 4]`` (x1, y1, x2, y2, float32), ``scores [n]``,
+  ``labels [n]`` (int32) and ``masks [n, H, W]`` (bool, the image's size).
+
+  mmdet's test with ``rescale=True``: the network sees :func:`det_preprocess`'s image
+  (boxes clipped to the resized size), the boxes are divided by the resize factors, and
+  each 28x28 mask is pasted into its rescaled box at the original size (bilinear, then
+  the test configuration's ``mask_thr_binary``)."""
+  padded, (h, w), _ = det_preprocess(image, img_scale)
+  width, height = image.size
+  out = _detections(det, jnp.asarray(padded[None]), jnp.asarray([[h, w]], jnp.float32),
+                    jnp.asarray([[height, width]], jnp.float32))
+  num = int(out["num"][0])
+  scores = np.asarray(out["scores"][0, :num], np.float32)
+  keep = np.flatnonzero(scores > score_thr)  # mmdet's visualiser: strictly above
+  boxes = np.asarray(out["boxes"][0, :num], np.float32)[keep]
+  probs = np.asarray(out["mask_probs"][0, :num], np.float32)[keep]
+  masks = np.zeros((len(keep), height, width), bool)
+  threshold = jnp.float32(det.test_cfg["rcnn"]["mask_thr_binary"])
+  for start in range(0, len(keep), PASTE_CHUNK):
+    n = min(PASTE_CHUNK, len(keep) - start)
+    chunk_probs = np.zeros((PASTE_CHUNK, *probs.shape[1:]), np.float32)
+    chunk_boxes = np.tile(np.asarray([0, 0, 1, 1], np.float32), (PASTE_CHUNK, 1))
+    chunk_probs[:n], chunk_boxes[:n] = probs[start:start + n], boxes[start:start + n]
+    pasted = _paste(chunk_probs, chunk_boxes, threshold, height=height, width=width)
+    masks[start:start + n] = np.asarray(pasted[:n])
+  # The division can overshoot the image by float32 rounding only.
+  bounds = np.asarray([width, height, width, height], np.float32)
+  return {"boxes": np.clip(boxes, 0, bounds), "scores": scores[keep],
+          "labels": np.asarray(out["labels"][0, :num], np.int32)[keep], "masks": masks}
+
+
+def draw_detections(image: Image.Image, dets: dict[str, np.ndarray], names: Sequence[str],
+                    palette: np.ndarray, opacity: float = 0.5) -> Image.Image:
+  """The detections over the image (RGB): each mask blended in its class's colour
+  (``opacity`` of colour), its box and a ``name score`` label; the best drawn last."""
+  from PIL import ImageDraw
+
+  order = np.argsort(dets["scores"], kind="stable")  # ascending: the best ends on top
+  array = np.asarray(image, np.float32).copy()
+  for i in order:
+    mask = dets["masks"][i]
+    array[mask] = array[mask] * (1 - opacity) + palette[dets["labels"][i]] * opacity
+  out = Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "RGB")
+  draw = ImageDraw.Draw(out)
+  line = max(1, round(max(out.size) / 400))
+  for i in order:
+    colour = tuple(int(c) for c in palette[dets["labels"][i]])
+    x1, y1, x2, y2 = (float(v) for v in dets["boxes"][i])
+    draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
+    text = f"{names[dets['labels'][i]]} {dets['scores'][i]:.2f}"
+    left, top, right, bottom = draw.textbbox((0, 0), text)
+    tw, th = right - left + 2, bottom - top + 2
+    ty = y1 - th if y1 >= th else y1  # above the box, or inside it at the top edge
+    draw.rectangle((x1, ty, x1 + tw, ty + th), fill=colour)
+    dark = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] < 140
+    draw.text((x1 + 1 - left, ty + 1 - top), text, fill=(255,) * 3 if dark else (0,) * 3)
+  return out
+
+
+def _detect_main(args: argparse.Namespace) -> int:
+  if args.image_size is not None:
+    print("error: --image-size is for classification; detection takes --img-scale",
+          file=sys.stderr)
+    return 1
+  if args.out is None:
+    print("error: --task detection needs --out (the image to draw the detections on)",
+          file=sys.stderr)
+    return 1
+  if Path(args.out).suffix.lower() not in Image.registered_extensions():
+    print(f"error: --out {args.out}: unknown image format {Path(args.out).suffix!r} "
+          "(use .png or .jpg)", file=sys.stderr)
+    return 1
+  if args.slide or args.crop or args.stride:
+    print("error: --slide, --crop and --stride are for segmentation", file=sys.stderr)
+    return 1
+  if not 0 <= args.score_thr <= 1:
+    print(f"error: --score-thr must be in [0, 1], got {args.score_thr}", file=sys.stderr)
+    return 1
+  if not 0 <= args.opacity <= 1:
+    print(f"error: --opacity must be in [0, 1], got {args.opacity}", file=sys.stderr)
+    return 1
+  img_scale = tuple(args.img_scale or DET_IMG_SCALE)
+  if min(img_scale) < 1:
+    print(f"error: --img-scale must be positive, got {' '.join(map(str, img_scale))}",
+          file=sys.stderr)
+    return 1
+  try:
+    det = load_detector(args.model, args.checkpoint, args.num_classes, use_ema=args.use_ema)
+    names = det_classes(det.roi_head.bbox_head.num_classes, args.checkpoint)
+  except (OSError, ValueError, TypeError, ImportError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 1
+  palette = det_palette(len(names))
+
+  failed = 0
+  for path, (overlay_path, _) in zip(args.images, output_paths(args.out, args.images)):
+    try:
+      image = load_image(path)
+      dets = detect_objects(det, image, img_scale, args.score_thr)
+      overlay_path.parent.mkdir(parents=True, exist_ok=True)
+      draw_detections(image, dets, names, palette, args.opacity).save(overlay_path)
+    except (OSError, ValueError) as e:
+      print(f"error: {_one_line(e)}", file=sys.stderr)
+      failed += 1
+      continue
+    n = len(dets["scores"])
+    print(f"{path} -> {overlay_path}: {n} detection{'s' * (n != 1)} with score > "
+          f"{args.score_thr:g}")
+    for box, score, label, mask in list(zip(dets["boxes"], dets["scores"], dets["labels"],
+                                            dets["masks"]))[:args.top]:
+      x1, y1, x2, y2 = (float(v) for v in box)
+      print(f"  {names[label]}  {score:.3f}  {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}  "
+            f"{int(mask.sum())} px")
+  return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
   """The command line (module docstring); returns the exit status."""
   from internimage_jax.models import IMAGE_SIZES, variants
+  from internimage_jax.models.detection import DETECTORS
   from internimage_jax.models.segmentation import SEGMENTORS
 
   parser = argparse.ArgumentParser(prog="python -m internimage_jax.predict",
                                    description=__doc__.split("\n\n")[0])
-  parser.add_argument("--task", choices=("classification", "segmentation"),
+  parser.add_argument("--task", choices=("classification", "segmentation", "detection"),
                       default="classification")
   parser.add_argument("--model", required=True,
-                      help="variant, e.g. internimage_t (or upernet_internimage_t)")
+                      help="variant, e.g. internimage_t (or upernet_internimage_t, "
+                           "mask_rcnn_internimage_t)")
   parser.add_argument("--checkpoint", required=True,
                       help="weights file, orbax directory, train.py workdir, or a published "
                            "tag (in1k, 22kto1k, ade20k, ...)")
   parser.add_argument("--num-classes", type=int, default=None,
-                      help="classes of a weights file (default: model.json, else 1000 / 150)")
+                      help="classes of a weights file (default: model.json, else 1000 / "
+                           "150 / 80)")
   parser.add_argument("--use-ema", action="store_true", help="EMA weights of a .pth file")
   parser.add_argument("--top", type=int, default=None,
-                      help="classes to print (default: 5; segmentation: all present)")
+                      help="classes to print (default: 5; segmentation: all present), "
+                           "detections to print (default: all above --score-thr)")
   parser.add_argument("--image-size", type=int, default=None,
                       help="classification: evaluation size (default: the variant's)")
-  seg_args = parser.add_argument_group("segmentation")
+  seg_args = parser.add_argument_group("segmentation and detection")
   seg_args.add_argument("--out", default=None,
                    help="overlay image to write (several images: one per image, see above)")
   seg_args.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"), default=None,
-                   help="test scale (default: the configuration's, e.g. 2048 512)")
+                   help="test scale (default: the configuration's, e.g. 2048 512; "
+                        "detection: 1333 800)")
   seg_args.add_argument("--slide", action="store_true", help="sliding-window inference")
   seg_args.add_argument("--crop", type=int, default=None,
                    help="--slide window side (default: the training crop, e.g. 512)")
   seg_args.add_argument("--stride", type=int, default=None,
                    help="--slide step (default: 2/3 of the crop, e.g. 341)")
   seg_args.add_argument("--opacity", type=float, default=0.5, help="of the colours in the overlay")
+  seg_args.add_argument("--score-thr", type=float, default=0.3,
+                        help="detection: draw and print the detections scoring above this")
   parser.add_argument("images", nargs="+")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   if args.task == "segmentation":
     return _segment_main(args)
+  if args.task == "detection":
+    return _detect_main(args)
 
   try:
     if args.model in SEGMENTORS:
       raise ValueError(f"{args.model} is a segmentor; pass --task segmentation")
+    if args.model in DETECTORS:
+      raise ValueError(f"{args.model} is a detector; pass --task detection")
     variants.variant_options(args.model)
     model = load_model(args.model, args.checkpoint, args.num_classes, use_ema=args.use_ema)
   except (OSError, ValueError, ImportError) as e:

@@ -1,7 +1,8 @@
 """The published InternImage weights by name, through the Hugging Face hub.
 
-``models.create("internimage_t", pretrained="in1k")`` and
-``models.create_segmentor("upernet_internimage_t", pretrained="ade20k")`` find the
+``models.create("internimage_t", pretrained="in1k")``,
+``models.create_segmentor("upernet_internimage_t", pretrained="ade20k")`` and
+``models.create_detector("mask_rcnn_internimage_t", pretrained="coco_1x")`` find the
 original's checkpoint (all in the hub repository ``OpenGVLab/InternImage``, at its root),
 in this order:
 
@@ -41,7 +42,10 @@ class Published:
   """One published checkpoint: its file in ``REPO_ID``, the resolution it was trained
   at, its class count, and what it holds (``"classifier"``: a whole classification
   network; ``"segmentor"``: an mmseg UperNet, ``backbone.*`` / ``decode_head.*`` /
-  ``auxiliary_head.*``)."""
+  ``auxiliary_head.*``; ``"detector"``: an mmdet Mask R-CNN with FPN, ``backbone.*`` /
+  ``neck.*`` / ``rpn_head.*`` / ``roi_head.*``). A detector's ``image_size`` is the
+  short side of its test scale, mmdet's ``(1333, 800)``: keep-ratio resize to at most
+  1333 x 800."""
   filename: str
   image_size: int
   num_classes: int
@@ -58,7 +62,12 @@ def _table() -> dict[str, dict[str, Published]]:
     table[f"internimage_{size}"] = {
         "in1k": Published(f"internimage_{size}_1k_224.pth", 224, 1000),
         "ade20k": Published(f"upernet_internimage_{size}_512_160k_ade20k.pth", 512, 150,
-                            "segmentor")}
+                            "segmentor"),
+        # Mask R-CNN on COCO (80 classes): the 12-epoch (1x) and 36-epoch multi-scale (3x)
+        # schedules of detection/configs/coco/mask_rcnn_internimage_{size}_fpn_{1x,3x}_coco.py.
+        **{f"coco_{schedule}": Published(
+            f"mask_rcnn_internimage_{size}_fpn_{schedule}_coco.pth", 800, 80, "detector")
+           for schedule in ("1x", "3x")}}
   for size in ("l", "xl"):
     table[f"internimage_{size}"] = {
         "in22k": Published(f"internimage_{size}_22k_192to384.pth", 384, 21841),
@@ -75,7 +84,10 @@ def _table() -> dict[str, dict[str, Published]]:
   return table
 
 
-# The original README's checkpoints, per model and tag.
+# The original README's checkpoints, per model and tag. Tags: "in1k", "in22k",
+# "22kto1k" (classifiers), "ade20k" (UperNet), "coco_1x" / "coco_3x" (Mask R-CNN, T/S/B;
+# COCO val2017 box / mask AP: T 47.2 / 42.5 and 49.1 / 43.7, S 47.8 / 43.3 and
+# 49.7 / 44.5, B 48.8 / 44.0 and 50.3 / 44.8).
 PUBLISHED: dict[str, dict[str, Published]] = _table()
 
 
@@ -89,6 +101,12 @@ def published(model: str, tag: str) -> Published:
     raise ValueError(f"no published weights {tag!r} for {model} and no file of that name; "
                      f"choose one of {sorted(PUBLISHED[model])} or pass a checkpoint path")
   return PUBLISHED[model][tag]
+
+
+def tags_holding(model: str, holds: str) -> list[str]:
+  """The published tags of ``model`` whose checkpoints hold a ``holds``
+  (``"classifier"``, ``"segmentor"``, ``"detector"``)."""
+  return sorted(tag for tag, entry in PUBLISHED.get(model, {}).items() if entry.holds == holds)
 
 
 def is_path(pretrained: str | os.PathLike) -> bool:

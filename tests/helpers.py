@@ -118,6 +118,8 @@ QUICKSTART = ["train.py", "--config", "configs/quickstart.py"]
 SEG_QUICKSTART = ["train.py", "--config", "configs/segmentation_quickstart.py"]
 # Its backbone from random weights: no classification run to depend on.
 SEG_SCRATCH = ["train.py", "--config", "configs/segmentation_quickstart.py:scratch"]
+DET_QUICKSTART = ["train.py", "--config", "configs/detection_quickstart.py"]
+DET_SCRATCH = ["train.py", "--config", "configs/detection_quickstart.py:scratch"]
 
 
 # The train.py runs of the tests compile the same few programs again and again: JAX's

@@ -220,3 +220,109 @@ def test_access_pattern_counts_fewer_lines_for_pixel_tiles():
   assert run["programs"] == tile["programs"] == 28 * 28 * 8 // 64
   assert run["corner_rows"] == pytest.approx(tile["corner_rows"])
   assert tile["distinct_lines"] < run["distinct_lines"]
+
+
+# A small backbone and Mask R-CNN parts (the neck, the heads, and fewer proposals and
+# RoI samples than mmdet's defaults).
+SMALL_DETECTOR = {"channels": 16, "depths": [1, 1, 1, 1], "groups": [1, 2, 4, 8],
+                  "neck": {"out_channels": 32},
+                  "roi_head": {"bbox_head": {"fc_out_channels": 64},
+                               "mask_head": {"num_convs": 1, "conv_out_channels": 16}},
+                  "train_cfg": {"rcnn": {"sampler": {"num": 64}},
+                                "rpn_proposal": {"nms_pre": 200, "max_per_img": 100}},
+                  "test_cfg": {"rpn": {"max_per_img": 100}}}
+
+
+# Four programs compiled (~75-100 s on two busy cores, most of it the detector's); the
+# detection step itself runs in the default run through train.py.
+@pytest.mark.slow
+def test_detection_benchmark_compares_with_classification():
+  """benchmarks/detection.py: train step (Mask R-CNN COCO recipe vs classification
+  recipe, synthetic boxes and masks) and inference (detector vs its backbone) in one
+  run, a JSON line each and the ratios."""
+  import os
+
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/detection.py", "--image-size", "64",
+       "--per-device-batch", "1", "--steps", "1", "--options", json.dumps(SMALL_DETECTOR)],
+      cwd=REPO, capture_output=True, text=True, check=True,
+      env=dict(os.environ, XLA_FLAGS=QUICK_CODEGEN, JAX_PLATFORMS="cpu"))
+  *rows, summary = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+  assert summary["rows"] == rows
+  assert [(r["measurement"], r["model"], r.get("task"), r.get("part")) for r in rows] == [
+      ("train_step", "internimage_t", "classification", None),
+      ("train_step", "mask_rcnn_internimage_t", "detection", None),
+      ("inference", "mask_rcnn_internimage_t", None, "detector"),
+      ("inference", "mask_rcnn_internimage_t", None, "backbone")]
+  assert all(r["images_per_s"] > 0 for r in rows)
+  assert [r["num_classes"] for r in rows[:2]] == [1000, 80]
+  assert all(r["first_loss"] > 0 for r in rows[:2])
+  assert rows[2]["detections_per_image"] >= 0
+  train, infer = summary["train_images_per_s"], summary["inference_images_per_s"]
+  assert summary["train_ratio_det_over_cls"] == pytest.approx(
+      train["detection"] / train["classification"])
+  assert summary["inference_ratio_det_over_backbone"] == pytest.approx(
+      infer["detector"] / infer["backbone"])
+  assert min(summary["train_ratio_det_over_cls"], summary["train_compile_s"],
+             summary["inference_ratio_det_over_backbone"]) > 0
+  assert summary["batch"] == 1 and summary["image_size"] == 64
+  assert summary["machine"]["backend"] == "cpu"
+  assert summary["command"].startswith("python benchmarks/detection.py --image-size 64")
+
+
+def test_synthetic_detection_batch_is_valid():
+  """benchmarks.common.synthetic_batch for the COCO recipe: a few boxes well inside
+  each image, their masks the filled boxes (packed), the other slots zero."""
+  import numpy as np
+
+  sys.path.insert(0, str(REPO))
+  from benchmarks.common import NUM_CLASSES, synthetic_batch, train_config
+  from internimage_jax.training.trainer import TrainProgram
+
+  cfg = train_config("mask_rcnn_internimage_t", 64, 2, "data=-1,fsdp=1", "none", "float32",
+                     options=SMALL_DETECTOR)
+  assert cfg.task == "detection" and cfg.data.image_size == 64 and not cfg.train.ema_decay
+  assert cfg.model.neck.out_channels == 32 and cfg.model.overrides.channels == 16
+  program = TrainProgram(cfg, num_classes=NUM_CLASSES[cfg.task], steps_per_epoch=1000)
+  batch = {k: np.asarray(v) for k, v in synthetic_batch(program, 2).items()}
+  slots = cfg.data.max_instances
+  assert batch["masks"].shape == (2, slots, 64, 8) and batch["masks"].dtype == np.uint8
+  n = min(slots, 8)
+  assert (batch["num"] == n).all()
+  boxes, real = batch["boxes"], batch["boxes"][:, :n]
+  assert (boxes[:, n:] == 0).all() and (batch["labels"][:, n:] == 0).all()
+  assert ((batch["labels"] >= 0) & (batch["labels"] < 80)).all()
+  sides = real[..., 2:] - real[..., :2]
+  assert (sides >= 64 / 8 - 1e-3).all() and (sides <= 64 / 2 + 1e-3).all()
+  assert (real[..., :2] >= 64 / 16 - 1e-3).all() and (real[..., 2:] <= 64 - 64 / 16 + 1e-3).all()
+  masks = np.unpackbits(batch["masks"], axis=-1)
+  assert not masks[:, n:].any()
+  # Each mask is its box's pixels (those with centres inside).
+  centre = np.arange(64) + 0.5
+  for box, mask in zip(real.reshape(-1, 4), masks[:, :n].reshape(-1, 64, 64)):
+    rows = (centre >= box[1]) & (centre < box[3])
+    cols = (centre >= box[0]) & (centre < box[2])
+    np.testing.assert_array_equal(mask, rows[:, None] & cols[None, :])
+  with pytest.raises(SystemExit, match="neck"):
+    train_config("internimage_t", 64, 2, "data=-1,fsdp=1", "none", "float32",
+                 options={"neck": {"out_channels": 32}})
+
+
+def test_scaling_benchmark_shards_a_detector():
+  """benchmarks/scaling.py with the Mask R-CNN COCO recipe (80 classes, no EMA) on 2
+  fake devices: FSDP shards its state two ways."""
+  import os
+
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/scaling.py", "--model", "mask_rcnn_internimage_t",
+       "--image-size", "64", "--per-device-batch", "1", "--devices", "2", "--mesh",
+       "data=1,fsdp=2", "--options", json.dumps(SMALL_DETECTOR)],
+      cwd=REPO, capture_output=True, text=True, check=True,
+      env=dict(os.environ, XLA_FLAGS=QUICK_CODEGEN))
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["task"] == "detection" and not report["ema"]
+  assert report["mesh"] == {"data": 1, "fsdp": 2} and report["devices"] == 2
+  assert report["param_bytes_per_device"] < 0.55 * report["param_bytes_total"]
+  assert report["state_bytes_per_device"] < 0.55 * report["state_bytes_total"]
+  assert report["total_bytes"] >= report["state_bytes_per_device"] > 0
+  assert report["compile_s"] > 0

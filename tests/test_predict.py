@@ -247,3 +247,195 @@ def test_segmentation_errors_are_one_line(tiny_segmentor, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert out == "" and not (tmp_path / "o.png").exists()
+
+
+# --- detection ------------------------------------------------------------------------------
+
+# A tiny Mask R-CNN, its options as model.json gives them back (lists): the loaded
+# detectors then compile to the programs of the first.
+TINY_DET = json.loads(json.dumps(dict(
+    backbone=dict(channels=16, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8)),
+    neck=dict(out_channels=16),
+    roi_head=dict(bbox_roi_extractor=dict(finest_scale=16), bbox_head=dict(fc_out_channels=32),
+                  mask_roi_extractor=dict(finest_scale=16),
+                  mask_head=dict(num_convs=1, conv_out_channels=16)),
+    test_cfg=dict(rpn=dict(nms_pre=200, max_per_img=50), rcnn=dict(max_per_img=20)))))
+DET_SCALE = ("--img-scale", "128", "96")
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tmp_path_factory):
+  """A tiny 3-class Mask R-CNN saved as an orbax checkpoint with a train.py-style
+  ``model.json`` (task, model, classes, options)."""
+  from flax import nnx
+
+  from internimage_jax import convert
+  from internimage_jax.models.detection import create_detector
+
+  det = create_detector("mask_rcnn_internimage_t", num_classes=3, rngs=nnx.Rngs(0), **TINY_DET)
+  # fc_cls starts at std 0.01: scale it up so that some detections score well.
+  kernel = det.roi_head.bbox_head.fc_cls.kernel
+  kernel.set_value(kernel.get_value() * 20)
+  ckpt = tmp_path_factory.mktemp("det") / "tiny"
+  convert.save_orbax(det, ckpt, {"task": "detection", "model": "mask_rcnn_internimage_t",
+                                 "num_classes": 3, "options": TINY_DET})
+  return ckpt
+
+
+def _parse_detection(line: str) -> tuple[str, float, list[float], int]:
+  """``  name  score  x1 y1 x2 y2  area px`` (names may hold spaces)."""
+  words = line.split()
+  assert words[-1] == "px", line
+  return " ".join(words[:-7]), float(words[-7]), [float(v) for v in words[-6:-2]], int(words[-2])
+
+
+def test_coco_detection_class_names_ship_with_the_package():
+  names = predict.coco_classes()
+  assert len(names) == 80 and len(set(names)) == 80
+  assert names[:3] == ("person", "bicycle", "car") and names[-1] == "toothbrush"
+  assert names[9] == "traffic light" and names[62] == "tv" and names[79] == "toothbrush"
+  assert predict.det_classes(80) == list(names)
+  assert predict.det_classes(3) == ["class 0", "class 1", "class 2"]
+  palette = predict.det_palette(80)
+  assert palette.shape == (80, 3) and palette.dtype == np.uint8
+  assert len({tuple(c) for c in palette}) == 80
+  np.testing.assert_array_equal(predict.det_palette(3), palette[:3])
+
+
+def test_detection_preprocess_is_the_test_pipeline():
+  # 100x60 (w x h) -> fit (1333, 800): f = min(1333/100, 800/60) = 13.33 -> 1333x800,
+  # padded to 1344x800 with zeros after normalisation.
+  x, size, factors = predict.det_preprocess(Image.new("RGB", (100, 60), (255, 255, 255)))
+  assert x.shape == (800, 1344, 3) and x.dtype == np.float32 and size == (800, 1333)
+  assert factors == (13.33, 800 / 60)
+  white = (1.0 - np.float32(predict.IMAGENET_MEAN)) / np.float32(predict.IMAGENET_STD)
+  np.testing.assert_allclose(x[5, 1332], white, rtol=1e-6)
+  assert not x[:, 1333:].any()
+  _, size, _ = predict.det_preprocess(Image.new("RGB", (90, 70)), (128, 96))
+  assert size == (96, 123)  # f = min(128/90, 96/70)
+
+
+def test_detection_command_line(tiny_detector, tmp_path, capsys):
+  ckpt = tiny_detector
+  image = _image(tmp_path / "street.png", 90, 70)
+  out = tmp_path / "out" / "boxes.png"
+  code = predict.main(["--task", "detection", "--model", "mask_rcnn_internimage_t",
+                       "--checkpoint", str(ckpt), *DET_SCALE, "--score-thr", "0.3",
+                       str(image), "--out", str(out)])
+  printed, err = capsys.readouterr()
+  assert code == 0, err
+  drawn = Image.open(out)
+  assert drawn.size == (90, 70) and drawn.mode == "RGB"
+  lines = printed.strip().splitlines()
+  n = int(lines[0].split(": ")[1].split()[0])
+  assert lines[0] == f"{image} -> {out}: {n} detections with score > 0.3" and n > 1
+  rows = [_parse_detection(line) for line in lines[1:]]
+  assert len(rows) == n
+  assert all(name in ("class 0", "class 1", "class 2") for name, *_ in rows)
+  scores = [score for _, score, _, _ in rows]
+  assert scores == sorted(scores, reverse=True) and min(scores) > 0.3
+
+  # The library function: the same detections, in the original image's pixels.
+  det = predict.load_detector("mask_rcnn_internimage_t", ckpt)
+  dets = predict.detect_objects(det, predict.load_image(image), (128, 96), 0.3)
+  boxes, masks = dets["boxes"], dets["masks"]
+  assert len(boxes) == n and masks.shape == (n, 70, 90) and masks.dtype == bool
+  np.testing.assert_allclose(dets["scores"], scores, atol=5e-4)
+  np.testing.assert_allclose(boxes, [b for _, _, b, _ in rows], atol=0.051)
+  assert [int(m.sum()) for m in masks] == [a for *_, a in rows]
+  assert (boxes >= 0).all() and (boxes[:, 2] <= 90).all() and (boxes[:, 3] <= 70).all()
+  assert (boxes[:, :2] <= boxes[:, 2:]).all()
+  # At the test size (123x96) boxes reach past the original's 90 columns; rescaled, the
+  # widest still reaches the image's right part.
+  assert boxes[:, 2].max() > 60
+  # Each mask lies in its box (pasted at the original size, a bilinear tap of margin).
+  yy, xx = np.mgrid[0:70, 0:90] + 0.5
+  assert masks.any(axis=(1, 2)).sum() > n // 2
+  for (x1, y1, x2, y2), mask in zip(boxes, masks):
+    mx, my = (x2 - x1) / 28 + 1, (y2 - y1) / 28 + 1
+    inside = (xx > x1 - mx) & (xx < x2 + mx) & (yy > y1 - my) & (yy < y2 + my)
+    assert not (mask & ~inside).any()
+
+
+def test_detection_drawing():
+  image = Image.fromarray(np.full((60, 80, 3), 100, np.uint8))
+  masks = np.zeros((2, 60, 80), bool)
+  masks[0, 30:50, 10:40] = True
+  masks[1, 35:45, 50:70] = True
+  dets = {"boxes": np.array([[10, 30, 40, 50], [50, 35, 70, 45]], np.float32),
+          "scores": np.array([0.9, 0.5], np.float32), "labels": np.array([2, 0]),
+          "masks": masks}
+  palette = predict.det_palette(3)
+  out = np.asarray(predict.draw_detections(image, dets, ["a", "b", "c"], palette, 0.5))
+  assert out.shape == (60, 80, 3)
+  np.testing.assert_allclose(out[40, 25], (100 + palette[2].astype(float)) / 2, atol=1)
+  np.testing.assert_allclose(out[40, 60], (100 + palette[0].astype(float)) / 2, atol=1)
+  assert (out[30, 20] == palette[2]).all()  # the box's top edge
+  assert (out[55:, :] == 100).all()  # nothing drawn below the detections
+  assert (out[18:30, 10:12] != 100).any()  # a label above the first box
+
+
+def test_detection_several_images(tiny_detector, tmp_path, capsys):
+  # Both test sizes pad to 96x128 (one compiled network): 90x70 -> 123x96, 60x46 -> 125x96.
+  a = _image(tmp_path / "a.png", 90, 70, seed=1)
+  b = _image(tmp_path / "b.png", 60, 46, seed=2)
+  bad = tmp_path / "bad.jpg"
+  bad.write_text("not an image")
+  out = tmp_path / "det.jpg"
+  code = predict.main(["--task", "detection", "--model", "mask_rcnn_internimage_t",
+                       "--checkpoint", str(tiny_detector), *DET_SCALE, "--score-thr", "0",
+                       "--top", "2", "--out", str(out), str(a), str(bad), str(b)])
+  printed, err = capsys.readouterr()
+  assert code == 1  # one image failed, the others drawn
+  assert err.startswith("error: cannot read image") and "bad.jpg" in err
+  assert err.count("\n") == 1
+  assert Image.open(tmp_path / "det_a.jpg").size == (90, 70)
+  assert Image.open(tmp_path / "det_b.jpg").size == (60, 46)
+  assert not (tmp_path / "det_bad.jpg").exists()
+  assert not list(tmp_path.glob("*labels*"))  # detection writes no label map
+  lines = printed.strip().splitlines()
+  assert [line.split(" -> ")[0] for line in lines if " -> " in line] == [str(a), str(b)]
+  assert len(lines) == 6  # --top 2 of 20 detections each
+  for line in lines:
+    if " -> " not in line:
+      _, score, (x1, y1, x2, y2), area = _parse_detection(line)
+      assert 0 < score <= 1 and 0 <= x1 <= x2 <= 90 and 0 <= y1 <= y2 <= 70 and area >= 0
+
+
+def test_detection_errors_are_one_line(tiny_detector, tmp_path, capsys):
+  image = _image(tmp_path / "x.png", 40, 30)
+  corrupt = tmp_path / "corrupt.safetensors"
+  corrupt.write_bytes(b"\x00" * 64)
+  seg_run = tmp_path / "seg_run"
+  seg_run.mkdir()
+  (seg_run / "model.json").write_text(json.dumps(
+      {"task": "segmentation", "model": "upernet_internimage_t", "num_classes": 150,
+       "options": TINY_SEG}))
+  model = ["--model", "mask_rcnn_internimage_t"]
+  out = ["--out", str(tmp_path / "o.png")]
+  cases = [
+      (["--task", "detection", *model, "--checkpoint", str(tiny_detector)],
+       "needs --out"),
+      (["--task", "detection", *model, "--checkpoint", str(corrupt), *out], "corrupt"),
+      (["--task", "detection", *model, "--checkpoint", str(tmp_path / "no.pth"), *out],
+       "checkpoint not found"),
+      (["--task", "detection", "--model", "mask_rcnn_internimage_l", "--checkpoint",
+        str(tiny_detector), *out], "unknown detector"),
+      (["--task", "detection", *model, "--checkpoint", str(seg_run), *out],
+       "pass --task segmentation"),
+      (["--task", "detection", *model, "--checkpoint", "in1k", *out],
+       "is a classification checkpoint; the Mask R-CNN's"),
+      # model.json's options on the official test_cfg but 80 classes: other shapes.
+      (["--task", "detection", *model, "--checkpoint", str(tiny_detector),
+        "--num-classes", "80", *out], "does not match"),
+      (["--task", "detection", *model, "--checkpoint", str(tiny_detector), "--slide", *out],
+       "for segmentation"),
+      (["--task", "detection", *model, "--checkpoint", str(tiny_detector),
+        "--score-thr", "2", *out], "--score-thr must be in"),
+      ([*model, "--checkpoint", str(tiny_detector)], "pass --task detection"),
+  ]
+  for args, message in cases:
+    assert predict.main(args + [str(image)]) == 1, args
+    printed, err = capsys.readouterr()
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert printed == "" and not (tmp_path / "o.png").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 from ml_collections import ConfigDict
 
 from helpers import MINI_T, require_golden
@@ -166,7 +167,7 @@ def test_published_weights_errors_name_the_fix(offline_hub, tmp_path, monkeypatc
 
   with pytest.raises(ValueError, match=r"no published weights 'in22k' for internimage_t and "
                                        r"no file of that name; choose one of "
-                                       r"\['ade20k', 'in1k'\]"):
+                                       r"\['ade20k', 'coco_1x', 'coco_3x', 'in1k'\]"):
     models.create("internimage_t", pretrained="in22k")
   with pytest.raises(ValueError, match="is a classification checkpoint"):
     models.create_segmentor("upernet_internimage_t", pretrained="in1k", **SEG_OPTIONS)
@@ -175,3 +176,83 @@ def test_published_weights_errors_name_the_fix(offline_hub, tmp_path, monkeypatc
                                                             r"  shape mismatch"):
     models.create("internimage_t", pretrained=golden / "model_mini_t.pth",
                   **dict(MINI_T, channels=32, groups=(2, 4, 8, 16)))
+
+
+# A tiny Mask R-CNN (det_mini_t's heads, one block per level).
+DET_OPTIONS = dict(num_classes=3, backbone=dict(channels=16, depths=(1, 1, 1, 1),
+                                                groups=(1, 2, 4, 8), drop_path_rate=0.0),
+                   neck=dict(out_channels=32),
+                   roi_head=dict(bbox_roi_extractor=dict(finest_scale=16),
+                                 bbox_head=dict(fc_out_channels=64),
+                                 mask_roi_extractor=dict(finest_scale=16),
+                                 mask_head=dict(conv_out_channels=32)))
+
+
+def test_published_detectors_are_the_mask_rcnn_coco_checkpoints():
+  from internimage_jax import pretrained
+
+  for size in ("t", "s", "b"):
+    table = pretrained.PUBLISHED[f"internimage_{size}"]
+    assert pretrained.tags_holding(f"internimage_{size}", "detector") == ["coco_1x", "coco_3x"]
+    for schedule in ("1x", "3x"):
+      entry = table[f"coco_{schedule}"]
+      assert entry.holds == "detector" and entry.num_classes == 80 and entry.image_size == 800
+      assert entry.filename == f"mask_rcnn_internimage_{size}_fpn_{schedule}_coco.pth"
+      assert entry.url == ("https://huggingface.co/OpenGVLab/InternImage/resolve/main/"
+                           f"mask_rcnn_internimage_{size}_fpn_{schedule}_coco.pth")
+    assert table["in1k"].holds == "classifier" and table["ade20k"].holds == "segmentor"
+  # No published Mask R-CNN for the larger sizes (their COCO models are Cascade / DINO).
+  assert all(e.holds != "detector" for m in ("internimage_l", "internimage_xl", "internimage_h",
+                                             "internimage_g")
+             for e in pretrained.PUBLISHED[m].values())
+
+
+def test_create_detector_loads_a_checkpoint_strictly_and_refuses_other_kinds(offline_hub,
+                                                                             tmp_path):
+  from internimage_jax.models.detection import create_detector
+
+  source = create_detector("mask_rcnn_internimage_t", rngs=nnx.Rngs(1), **DET_OPTIONS)
+  weights = convert.to_state_dict(source)
+  path = convert.save_safetensors(source, tmp_path / "det.safetensors")
+  for given in (path, str(path)):
+    det = create_detector("mask_rcnn_internimage_t", pretrained=given, **DET_OPTIONS)
+    got = convert.to_state_dict(det)
+    assert sorted(got) == sorted(weights)
+    assert any(k.startswith("roi_head.mask_head.") for k in got)
+    for key, value in weights.items():
+      np.testing.assert_array_equal(got[key], value, err_msg=key)
+  # Strict: another class count does not fit.
+  with pytest.raises(convert.CheckpointMismatchError, match="shape mismatch"):
+    create_detector("mask_rcnn_internimage_t", pretrained=path,
+                    **dict(DET_OPTIONS, num_classes=4))
+  with pytest.raises(FileNotFoundError, match="create_detector: checkpoint not found"):
+    create_detector("mask_rcnn_internimage_t", pretrained=tmp_path / "none.safetensors",
+                    **DET_OPTIONS)
+  # A tag of another kind, refused before anything is downloaded (the hub is offline and
+  # empty); a tag the model lacks names the choices.
+  for tag, kind in (("in1k", "classifier"), ("ade20k", "segmentor")):
+    with pytest.raises(ValueError, match=rf"^create_detector: pretrained '{tag}' is a "
+                                         rf"{kind}'s checkpoint \(.*\.pth\); the Mask "
+                                         r"R-CNN's are \['coco_1x', 'coco_3x'\]$"):
+      create_detector("mask_rcnn_internimage_t", pretrained=tag, **DET_OPTIONS)
+  with pytest.raises(ValueError, match=r"no published weights 'in22k' for internimage_s"):
+    create_detector("mask_rcnn_internimage_s", pretrained="in22k")
+  with pytest.raises(FileNotFoundError, match=r"mask_rcnn_internimage_b_fpn_3x_coco\.pth"):
+    create_detector("mask_rcnn_internimage_b", pretrained="coco_3x")
+
+
+def test_published_detector_loads_by_tag_from_the_hub_cache(offline_hub):
+  """The mmdet golden (det_mini_t, the published files' layout) as the hub's COCO file."""
+  from internimage_jax.models.detection import create_detector
+
+  golden = require_golden()
+  snapshot = _hub_cache(offline_hub, {
+      "mask_rcnn_internimage_t_fpn_1x_coco.pth": golden / "det_mini_t.pth"})
+  options = dict(DET_OPTIONS, backbone=dict(DET_OPTIONS["backbone"], depths=(1, 1, 2, 1)))
+  det = create_detector("mask_rcnn_internimage_t", pretrained="coco_1x", **options)
+  want = convert.read_state_dict(golden / "det_mini_t.pth")
+  got = convert.to_state_dict(det)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  assert (snapshot / "mask_rcnn_internimage_t_fpn_1x_coco.pth.safetensors").is_file()

@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--implementation pallas: this jax {jax.__version__} has no Pallas "
                          f"Triton backend ({triton_kernels()[1]}); export with --implementation xla")
     entry = entry_of(args.checkpoint, args.model)  # as create() resolves it: a tag wins
+    if entry is not None and entry.holds != "classifier":
+      raise ValueError(f"--checkpoint {args.checkpoint}: {entry.filename} is a {entry.holds}'s "
+                       "checkpoint; the export takes classifiers")
     image_size = args.image_size
     if image_size is None:
       image_size = entry.image_size if entry else models.IMAGE_SIZES.get(args.model, 224)

@@ -71,7 +71,8 @@ def create(name: str, *, num_classes: int | None = None, rngs: nnx.Rngs | None =
       if meta.get("model") == name:  # its options and classes, under the caller's
         options.update(meta.get("options", {}))
         num_classes = meta.get("num_classes") if num_classes is None else num_classes
-    if entry is not None and entry.holds == "segmentor":  # the backbone's options there
+    if entry is not None and entry.holds in ("segmentor", "detector"):
+      # The backbone's options there (the detectors' are the segmentors').
       from internimage_jax.models.segmentation.segmentor import segmentor_options
 
       options = {k: v for k, v in segmentor_options(f"upernet_{name}").items()

@@ -24,7 +24,7 @@ def base_config() -> ConfigDict:
   """Defaults = the original from-scratch ImageNet-1K recipe (InternImage-T)."""
   cfg = ConfigDict()
   cfg.seed = 0
-  cfg.task = "classification"  # or "segmentation" (UperNet; tasks.py)
+  cfg.task = "classification"  # or "segmentation" (UperNet), "detection" (Mask R-CNN)
   cfg.mode = "train"  # or "eval": evaluate init_from (or the workdir's latest) and stop
   cfg.init_from = ""  # official .pth / .safetensors / converted dir; new head if classes differ
   cfg.model = ConfigDict(dict(
@@ -34,6 +34,10 @@ def base_config() -> ConfigDict:
       # Segmentation: UperHead / FCNHead options over the official ones; auxiliary=False
       # trains without the auxiliary FCN head.
       decode_head=ConfigDict(), auxiliary_head=ConfigDict(), auxiliary=True,
+      # Detection: mmdet's own keys (without type) over the official Mask R-CNN
+      # configuration (create_detector checks them).
+      neck=ConfigDict(), rpn_head=ConfigDict(), roi_head=ConfigDict(), test_cfg=ConfigDict(),
+      train_cfg=ConfigDict(),
       # Recompute each block in the backward pass: "none", "block" (keep only block
       # inputs) or "dots" (also keep matmul outputs). Trades compute for activations.
       remat="none",
@@ -54,6 +58,9 @@ def base_config() -> ConfigDict:
       test_fraction=0.2, split_seed=0,  # digits only: the fixed held-out split
       # Segmentation: label 0 is "other" (ADE20K): 0 -> 255 (ignored), v -> v - 1.
       reduce_zero_label=False,
+      # Detection: the folder of COCO's instances_*.json (tfds's coco/2017 has no instance
+      # masks), and the object slots per training image (more are dropped, with a warning).
+      annotations="", max_instances=100,
   ))
   cfg.aug = ConfigDict(dict(
       random_resized_crop=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),  # bicubic
@@ -65,6 +72,10 @@ def base_config() -> ConfigDict:
       # img_scale (long, short) times U(ratio_range), crop with cat_max_ratio, hflip,
       # photometric distortion, pad with label 255.
       img_scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, photometric=True,
+      # Detection (mmdet's pipeline; the canvas is data.image_size square): flip, then a
+      # keep-ratio resize to one of scales (long, short); with crop_scales, half the images
+      # are resized to one of those, cropped (sides in crop_range) and then resized.
+      scales=((1333, 800),), crop_scales=(), crop_range=(384, 600),
   ))
   cfg.train = ConfigDict(dict(
       global_batch=4096,  # the original's 32 GPUs x 128 (or 8 x 512)
@@ -75,6 +86,7 @@ def base_config() -> ConfigDict:
       lr_batch=512,  # 0: the learning rates are used as they are (mmseg's recipes)
       schedule="cosine",  # or "poly": (1 - t/T) ** power, warmup ratio warmup_ratio
       power=1.0, warmup_ratio=1e-6,
+      decay_epochs=(), decay_rate=0.1,  # "step": lr x decay_rate at each of these epochs
       weight_decay=0.05, clip_grad=5.0, label_smoothing=0.1,  # clip_grad 0: no clipping
       layer_decay=0.0,  # layer-wise LR decay ratio (0 = off), counted from the last block
       dcn_lr_mul=1.0,  # LR multiplier of dcn.offset and dcn.center_feature_scale_proj
@@ -91,6 +103,9 @@ def base_config() -> ConfigDict:
   # --config.axis_rules.embed=None); axis_rules() reads "None" as None.
   cfg.axis_rules = ConfigDict({name: placeholder(str) if axis is None else axis
                                for name, axis in DEFAULT_RULES.items()})
+  # Detection evaluation: test images resized keep-ratio to eval.img_scale on the
+  # data.image_size canvas; boxes and masks at the original size, masks on a canvas of
+  # eval.canvas (h, w) that must hold every original image.
   # Segmentation evaluation (models/segmentation/inference.py): "whole" or "slide"
   # (windows of crop every stride); each test image resized keep-ratio to
   # eval.img_scale times each of scales, sides rounded up to size_divisor, on a canvas
@@ -100,7 +115,7 @@ def base_config() -> ConfigDict:
                              canvas=(1024, 1024), label_canvas=(2048, 2048)))
   cfg.checkpoint = ConfigDict(dict(every_steps=0, keep=3))  # 0 = once per epoch
   cfg.log_every_steps = 50
-  cfg.eval_every_steps = 0  # 0 = once per epoch
+  cfg.eval_every_steps = 0  # 0 = once per epoch; -1 = never (not even after the last step)
   return cfg
 
 
@@ -144,10 +159,43 @@ def upernet_ade20k(cfg: ConfigDict, size: str, lr: float, layer_decay: float,
   return cfg
 
 
+def mask_rcnn_coco(cfg: ConfigDict, size: str, schedule: str) -> ConfigDict:
+  """The original Mask R-CNN COCO recipe (spec ``detection.md`` section 12) for
+  ``mask_rcnn_internimage_<size>``, ``schedule`` "1x" (12 epochs, lr x0.1 after 8 and
+  11, one scale) or "3x" (36 epochs, after 27 and 33, multi-scale with random crops):
+  batch 16, AdamW lr 1e-4 and weight decay 0.05 (none on norms and biases), no layer
+  decay and no clipping, 500 linear warmup iterations from 0.001, backbone from the
+  ImageNet-1K classifier. Data: COCO 2017's folder layout; images resized keep-ratio to
+  fit (1333, 800) on a 1344 x 1344 canvas (both orientations), evaluated once per epoch
+  at the original sizes (COCO's images are at most 640 px a side)."""
+  if schedule not in ("1x", "3x"):
+    raise ValueError(f"the Mask R-CNN COCO schedules are '1x' and '3x', not {schedule!r}")
+  cfg.task = "detection"
+  cfg.model.name = f"mask_rcnn_internimage_{size}"
+  cfg.model.overrides = ConfigDict()  # the official backbone (update() would merge)
+  cfg.init_from = "in1k"
+  cfg.data.update(source="folder", name="", train_split="train2017", eval_split="val2017",
+                  image_size=1344, max_instances=100, eval_batch=0)
+  multi_scale = tuple((1333, short) for short in range(480, 801, 32))
+  cfg.aug.update(scales=((1333, 800),) if schedule == "1x" else multi_scale, hflip=0.5,
+                 crop_scales=() if schedule == "1x" else ((1333, 400), (1333, 500), (1333, 600)),
+                 crop_range=(384, 600))
+  epochs, decay = (12, (8, 11)) if schedule == "1x" else (36, (27, 33))
+  cfg.train.update(global_batch=16, epochs=float(epochs), steps=0, warmup_steps=500,
+                   schedule="step", decay_epochs=decay, decay_rate=0.1, warmup_ratio=0.001,
+                   lr=1e-4, lr_batch=0, min_lr=0.0, weight_decay=0.05, clip_grad=0.0,
+                   layer_decay=0.0, dcn_lr_mul=1.0, label_smoothing=0.0, ema_decay=0.0)
+  cfg.eval.update(img_scale=(1333, 800), canvas=(640, 640))
+  cfg.checkpoint.update(every_steps=0, keep=3)
+  cfg.eval_every_steps = 0
+  return cfg
+
+
 VARIANTS = {
     "bf16": "bfloat16 compute, float32 master weights and optimizer state",
     "fsdp": "parameters and optimizer state sharded over all devices (mesh data=1, fsdp=-1)",
     "folder": "read an image folder (config.data.dir with train/<class>/* and val/<class>/*)",
+    "tfds": "detection: tfds's coco/2017 images with config.data.annotations' instances",
 }
 
 
@@ -158,6 +206,12 @@ def apply_variants(cfg: ConfigDict, variants: str | None) -> ConfigDict:
       cfg.train.compute_dtype = "bfloat16"
     elif variant == "fsdp":
       cfg.mesh.update(data=1, fsdp=-1)
+    elif variant == "tfds":
+      if cfg.task != "detection":
+        raise ValueError("config variant 'tfds' is for the COCO detection configs (their data "
+                         "from tfds's coco/2017); set config.data.source=tfds instead")
+      cfg.data.update(source="tfds", name="coco/2017", train_split="train",
+                      eval_split="validation")
     elif variant == "folder":
       cfg.data.update(source="folder", train_split="train", eval_split="val")
     else:
@@ -176,10 +230,14 @@ def _unknown(cfg: ConfigDict, schema: ConfigDict, prefix: str = "") -> list[str]
     elif name in _CONSTRUCTOR_OPTIONS:
       options = ConfigDict(dict.fromkeys(_constructor_options(name)))
       problems += _unknown(value, options, name + ".")
-    elif isinstance(value, ConfigDict):
+    elif isinstance(value, ConfigDict) and name not in _FREE_FORM:
       problems += _unknown(value, schema[key], name + ".")
   return problems
 
+
+# mmdet configuration dicts, checked by create_detector when the model is built.
+_FREE_FORM = {"model.neck", "model.rpn_head", "model.roi_head", "model.test_cfg",
+              "model.train_cfg"}
 
 # Config keys that hold constructor options: (class, options the trainer sets itself).
 _CONSTRUCTOR_OPTIONS = {
@@ -214,8 +272,8 @@ def validate(cfg: ConfigDict) -> None:
   from internimage_jax.training.tasks import task_class
 
   task_class(cfg)  # raises for an unknown task
-  if cfg.train.schedule not in ("cosine", "poly"):
-    raise ValueError(f"config.train.schedule must be 'cosine' or 'poly', got "
+  if cfg.train.schedule not in ("cosine", "poly", "step"):
+    raise ValueError(f"config.train.schedule must be 'cosine', 'poly' or 'step', got "
                      f"{cfg.train.schedule!r}")
   if cfg.eval.mode not in ("whole", "slide"):
     raise ValueError(f"config.eval.mode must be 'whole' or 'slide', got {cfg.eval.mode!r}")
@@ -225,6 +283,11 @@ def validate(cfg: ConfigDict) -> None:
       raise ValueError(f"config.eval.{key} must be two positive integers, got {value}")
   if not cfg.eval.scales or not all(s > 0 for s in cfg.eval.scales):
     raise ValueError(f"config.eval.scales must be positive ratios, got {tuple(cfg.eval.scales)}")
+  if cfg.eval_every_steps < -1:
+    raise ValueError(f"config.eval_every_steps must be -1 (never), 0 (once per epoch) or "
+                     f"positive, got {cfg.eval_every_steps}")
+  if cfg.train.decay_rate <= 0:
+    raise ValueError(f"config.train.decay_rate must be positive, got {cfg.train.decay_rate}")
   if cfg.mode not in ("train", "eval"):
     raise ValueError(f"config.mode must be 'train' or 'eval', got {cfg.mode!r}")
   if cfg.model.remat not in ("none", "block", "dots"):

@@ -1,5 +1,5 @@
-"""The original recipes' optimizer: AdamW, clipping, warmup + cosine (classification) or
-poly (segmentation) schedules, LR scaling with the batch, layer-wise LR decay and the
+"""The original recipes' optimizer: AdamW, clipping, warmup + cosine (classification), poly
+(segmentation) or step (detection) schedules, LR scaling with the batch, layer-wise LR decay and the
 deformable-offset LR multiplier."""
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def schedule(cfg: ConfigDict, global_batch: int, total_steps: int,
   to the minimum LR. ``poly`` (mmcv's ``PolyLrUpdaterHook`` with linear warmup, the
   segmentation recipes): ``(lr - min_lr) (1 - t / T) ** power + min_lr``, multiplied
   during the first ``W`` warmup iterations by ``1 - (1 - t / W) (1 - warmup_ratio)``.
+  ``step`` (mmcv's ``StepLrUpdaterHook``, the detection recipes): ``lr`` times
+  ``decay_rate`` for each of ``decay_epochs`` reached (epoch ``e`` starts at iteration
+  ``e * steps_per_epoch``), with the same linear warmup as ``poly``.
   """
   warmup = cfg.warmup_steps or int(cfg.warmup_epochs * steps_per_epoch)
   peak = scaled_lr(cfg.lr, global_batch, cfg.lr_batch)
@@ -44,6 +47,17 @@ def schedule(cfg: ConfigDict, global_batch: int, total_steps: int,
       ramp = 1 - (1 - t / max(warmup, 1)) * (1 - cfg.warmup_ratio)
       return jnp.where(t < warmup, regular * ramp, regular)
     return poly
+  if cfg.schedule == "step":
+    milestones = jnp.asarray([int(e * steps_per_epoch) for e in cfg.decay_epochs] or [-1],
+                             jnp.int32)
+
+    def step_lr(step):
+      t = jnp.asarray(step, jnp.int32)
+      passed = jnp.sum((t >= milestones) & (milestones >= 0))
+      regular = peak * jnp.asarray(cfg.decay_rate, jnp.float32) ** passed
+      ramp = 1 - (1 - t.astype(jnp.float32) / max(warmup, 1)) * (1 - cfg.warmup_ratio)
+      return jnp.where(t < warmup, regular * ramp, regular)
+    return step_lr
   return optax.warmup_cosine_decay_schedule(
       init_value=scaled_lr(cfg.warmup_lr, global_batch, cfg.lr_batch),
       peak_value=peak,

@@ -41,6 +41,10 @@ class Task:
     """The ``split`` ("train" or "eval") source of ``config.data``."""
     raise NotImplementedError
 
+  def bind_eval_source(self, source: Any) -> None:
+    """Takes what evaluation needs from the evaluation source beyond its examples (the
+    ground truth of a COCO evaluation); nothing by default."""
+
   # ------------------------------------------------------------------ host
   def train_example(self) -> pipeline.Example:
     raise NotImplementedError
@@ -76,11 +80,18 @@ class Task:
     raise NotImplementedError
 
   def eval_counts(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Integer counts of one evaluation batch (``batch["valid"]`` masks padding)."""
+    """What one evaluation batch gives (``batch["valid"]`` masks padding): integer counts,
+    or what the task's ``accumulate`` keeps (detection: the detections)."""
     raise NotImplementedError
 
+  def accumulate(self, totals: dict[str, Any], outputs: dict[str, np.ndarray]) -> None:
+    """Adds one evaluation batch's outputs (on the host) to ``totals``: counts are summed
+    exactly, in int64 (a task whose outputs are not counts keeps them its own way)."""
+    for k, v in outputs.items():
+      totals[k] = totals.get(k, 0) + np.asarray(v, np.int64)
+
   def metrics(self, totals: dict[str, np.ndarray], count: int, prefix: str) -> dict[str, float]:
-    """The ``prefix/...`` metrics of summed ``eval_counts`` over ``count`` images."""
+    """The ``prefix/...`` metrics of the accumulated outputs over ``count`` images."""
     raise NotImplementedError
 
   def report(self, totals: dict[str, np.ndarray], prefix: str) -> list[str]:
@@ -93,14 +104,17 @@ class Task:
 
   def init_path(self, init_from: str) -> str:
     """The local file of ``config.init_from``: a path, or a published tag of the model's
-    backbone (``in1k``, ``in22k``, ...: downloaded once, ``internimage_jax.pretrained``)."""
+    backbone (``in1k``, ``in22k``, ``ade20k``, ``coco_1x``, ...: downloaded once,
+    ``internimage_jax.pretrained``); a tag of another task's system is refused."""
     from internimage_jax import pretrained
 
-    backbone = self.cfg.model.name.removeprefix("upernet_")
+    backbone = self.cfg.model.name.removeprefix("upernet_").removeprefix("mask_rcnn_")
     entry = pretrained.entry_of(init_from, backbone)
-    if entry is not None and self.name == "classification" and entry.holds != "classifier":
+    own = {"segmentation": "segmentor", "detection": "detector"}.get(self.name, "classifier")
+    if entry is not None and entry.holds not in ("classifier", own):
       raise TrainingError(f"config.init_from {init_from!r} is a {entry.holds}'s checkpoint; "
-                          "a classifier starts from a classification tag (in1k, in22k, ...)")
+                          f"a {self.name} run starts from a classification tag (in1k, "
+                          "in22k, ...)" + ("" if own == "classifier" else f" or a {own}'s"))
     try:
       path, _ = pretrained.resolve(init_from, backbone)
     except (OSError, ValueError) as e:
@@ -208,6 +222,58 @@ def load_weights(module: nnx.Module, path: str, state_dict=None):
     raise init_from_error(e) from e
 
 
+def load_system_init(model: nnx.Module, path: str, parts: tuple[str, ...],
+                     resized: tuple[str, ...], kind: str) -> list[str]:
+  """``config.init_from`` for a system built on the backbone (a segmentor, a detector):
+  a checkpoint of the same kind (keys under ``parts``) loads whole, except that the
+  class-count dependent layers (names containing one of ``resized``) keep their
+  initialisation when their shapes differ; any other file is a classification checkpoint
+  that initialises the backbone, as the original's ``init_cfg``: its classifier is not
+  used and the backbone's task-only parameters (T's layer scale) keep their
+  initialisation, both reported. Raises ``TrainingError`` when the file does not fit."""
+  from pathlib import Path
+
+  from internimage_jax import convert
+
+  if Path(path).is_dir() and convert.train_run_step(path) is None:
+    # a converted (orbax) directory of this very model
+    load_weights(model, path)
+    return []
+  try:
+    state_dict = convert.read_state_dict(path)
+  except (OSError, ValueError) as e:
+    raise init_from_error(e) from e
+  if any(k.startswith(parts) for k in state_dict):
+    report = load_weights(model, path, state_dict)
+    problems = report.missing + report.unexpected + [
+        m for m in report.mismatched if not any(r in m.split(":")[0] for r in resized)]
+    if problems:
+      raise TrainingError(f"config.init_from {path} does not fit the {kind}: "
+                          + ", ".join(sorted(problems)[:20]))
+    return [f"init_from: class-count dependent layers re-initialised "
+            f"({', '.join(report.mismatched)})"] if report.mismatched else []
+  report = load_weights(model.backbone, path, state_dict)
+  if report.mismatched:
+    raise TrainingError(f"config.init_from {path} does not fit the backbone: "
+                        + ", ".join(report.mismatched[:20]))
+  loaded = len(convert.state_dict_keys(model.backbone)) - len(report.missing)
+  if loaded == 0:
+    raise TrainingError(f"config.init_from {path} holds no weight of the backbone")
+  lines = [f"init_from: backbone initialised from {path} ({loaded} entries)"]
+  if report.missing:
+    lines.append(f"  kept at their initialisation ({len(report.missing)}): "
+                 + _listed(report.missing))
+  if report.unexpected:
+    lines.append(f"  in the file, not used ({len(report.unexpected)}): "
+                 + _listed(report.unexpected))
+  return lines
+
+
+def _listed(keys: list[str], shown: int = 8) -> str:
+  return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown
+                                    else "")
+
+
 def init_from_error(e: Exception) -> TrainingError:
   """A ``config.init_from`` read error as the one line a user sees."""
   hint = ("; --config.init_from='' starts from random weights"
@@ -221,7 +287,14 @@ def _segmentation() -> type[Task]:
   return Segmentation
 
 
-TASKS = {"classification": lambda: Classification, "segmentation": _segmentation}
+def _detection() -> type[Task]:
+  from internimage_jax.training.detection.task import Detection
+
+  return Detection
+
+
+TASKS = {"classification": lambda: Classification, "segmentation": _segmentation,
+         "detection": _detection}
 
 
 def task_class(cfg: ConfigDict) -> type[Task]:

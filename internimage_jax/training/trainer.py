@@ -352,6 +352,10 @@ class Trainer:
     self.program = TrainProgram(cfg, data.num_classes, steps_per_epoch, data.mean, data.std,
                                 getattr(data, "class_names", None))
     self.task = self.program.task
+    try:
+      self.task.bind_eval_source(self.eval_source)
+    except (ValueError, ImportError) as e:
+      raise TrainingError(str(e)) from None
     self._write_model_json()
     self.steps_per_epoch, self.total_steps = self.program.steps_per_epoch, self.program.total_steps
     try:  # a bad augmentation option fails here, before anything is compiled
@@ -396,7 +400,8 @@ class Trainer:
     return result
 
   def _eval_totals(self, state, rng_state) -> dict[str, np.ndarray]:
-    """The eval step's counts summed over the split, exactly (int64 on the host)."""
+    """The eval step's outputs over the split, accumulated by the task (counts: summed
+    exactly, in int64 on the host)."""
     batch = self.cfg.data.eval_batch or self.cfg.train.global_batch
     totals: dict[str, np.ndarray] = {}
     try:
@@ -405,8 +410,8 @@ class Trainer:
           process=jax.process_index(), processes=jax.process_count(),
           threads=self.cfg.data.threads):
         arrays = {k: sharding.global_batch(self.program.mesh, v) for k, v in local.items()}
-        for k, v in jax.device_get(self.program.eval_step(state, rng_state, arrays)).items():
-          totals[k] = totals.get(k, 0) + np.asarray(v, np.int64)
+        self.task.accumulate(totals, jax.device_get(
+            self.program.eval_step(state, rng_state, arrays)))
     except ValueError as e:  # e.g. an image too large for the evaluation canvas
       raise TrainingError(f"evaluation: {e}") from None
     return totals
@@ -528,7 +533,7 @@ class Trainer:
                                   "train/grad_norm": metrics["grad_norm"],
                                   "train/images_per_second": speed,
                                   "train/skipped_images": self._batches.skipped})
-      if done % self.eval_every == 0 or done == self.total_steps:
+      if self.eval_every > 0 and (done % self.eval_every == 0 or done == self.total_steps):
         summary = self.evaluate(state, rng_state)
         self.metrics.write(done, summary)
         progress.note(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
@@ -553,7 +558,8 @@ class Trainer:
             preemption.exit_code)
     self.checkpoints.wait()
     progress.close()
-    if not summary:  # nothing left to train (a finished run started again): report it
+    if not summary and self.eval_every > 0:
+      # nothing left to train (a finished run started again): report it
       summary = self.evaluate(state, rng_state)
     self._summarise(summary, best, start, time.perf_counter() - started, progress)
     return summary
@@ -563,7 +569,8 @@ class Trainer:
     lines = [f"done: step {self.total_steps} of {self.total_steps} "
              f"({self.total_steps / self.steps_per_epoch:g} epochs of {self.steps_per_epoch} "
              f"steps, global batch {self.cfg.train.global_batch})",
-             "  " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())]
+             "  " + (", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+                     or "not evaluated (config.eval_every_steps -1)")]
     for prefix, counts in _by_prefix(self.last_eval_totals).items():
       lines += self.task.report(counts, prefix)
     if best is not None:

@@ -99,14 +99,15 @@ class MaskRCNN(nnx.Module):
   A new detector is in evaluation mode."""
 
   def __init__(self, backbone: InternImage, neck: FPN, rpn_head: RPNHead, roi_head: RoIHead,
-               *, anchor_strides, test_cfg: Mapping[str, Any]):
+               *, anchor_strides, test_cfg: Mapping[str, Any],
+               train_cfg: Mapping[str, Any] = TRAIN_CFG):
     self.backbone = backbone
     self.neck = neck
     self.rpn_head = rpn_head
     self.roi_head = roi_head
     self.anchor_strides = tuple(anchor_strides)
     self.test_cfg = test_cfg
-    self.train_cfg = TRAIN_CFG
+    self.train_cfg = train_cfg
     self.eval()
 
   def _image_shapes(self, images: jax.Array, image_shapes: jax.Array | None) -> jax.Array:
@@ -145,62 +146,111 @@ class MaskRCNN(nnx.Module):
 
     ``targets``: ``boxes [N, G, 4]``, ``labels [N, G]``, ``masks [N, G, H, W]`` (0/1 at
     the input size) and ``num [N]`` (real ground truths first). The RPN's and the RoI
-    head's samples are drawn with ``key`` (``RandomSampler``), or given as ``samples``:
+    head's samples are drawn with ``key`` (``RandomSampler``; one key, or one per image
+    ``[N]``), or given as ``samples``:
     index arrays ``rpn_pos``, ``rpn_neg`` (into all anchors, levels concatenated),
     ``rcnn_pos``, ``rcnn_neg`` (into the ground truths followed by the training
     proposals), each ``[N, n]`` with -1 as padding.
     """
     return detector_loss(self, images, targets, samples, key=key, image_shapes=image_shapes)
 
-  def __call__(self, images: jax.Array, image_shapes: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
-    """Detections: ``boxes [N, K, 4]``, ``scores [N, K]``, ``labels [N, K]``, ``masks
-    [N, K, H, W]`` (bool, at the input size) and ``num [N]``, ``K`` the test
-    configuration's ``rcnn.max_per_img``: the real detections first, by score, padding
-    zero. ``image_shapes [N, 2]`` gives each image's unpadded ``(height, width)``
-    (default: the input size); boxes are clipped to it and masks are empty beyond it."""
+  def detections(self, images: jax.Array, image_shapes: jax.Array | None = None, *,
+                 original_shapes: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The detections before their masks are pasted: ``boxes``, ``scores``, ``labels``,
+    ``num`` as ``__call__``'s, and ``mask_probs [N, K, M, M]`` (float32), the mask
+    head's probabilities of each detection's own class, to paste into its box
+    (``paste_masks``). ``original_shapes``: see ``__call__``."""
     image_shapes = self._image_shapes(images, image_shapes)
     maps, props = self._rpn(images, image_shapes)
     cfg = self.test_cfg["rcnn"]
-    height, width = images.shape[1:3]
     head = self.roi_head
+    rescale = original_shapes is not None
+    originals = jnp.asarray(original_shapes, jnp.float32) if rescale else image_shapes
 
-    def one_image(maps, boxes, num, image_shape):
+    def one_image(maps, boxes, num, image_shape, original_shape):
+      # mmcv's scale factors: new size / old size, per axis (w, h); 1 for an empty
+      # (padding) image rather than 0 / 0.
+      scale = (jnp.where(original_shape[::-1] > 0, image_shape[::-1].astype(jnp.float32)
+                         / jnp.maximum(original_shape[::-1], 1), 1.0) if rescale else None)
       logits, deltas = head.bbox_head(head.rois(maps, boxes, "bbox_roi_extractor"))
       dets = detect(boxes, num, logits, deltas, image_shape, score_thr=cfg["score_thr"],
                     iou_threshold=cfg["nms"]["iou_threshold"],
-                    max_per_img=cfg["max_per_img"])
-      mask_logits = head.mask_head(head.rois(maps, dets["boxes"], "mask_roi_extractor"))
+                    max_per_img=cfg["max_per_img"], scale=scale)
+      # The mask RoIs are the boxes at the network's input size.
+      rois = dets["boxes"] if scale is None else dets["boxes"] * jnp.tile(scale, 2)
+      mask_logits = head.mask_head(head.rois(maps, rois, "mask_roi_extractor"))
       own = jnp.take_along_axis(mask_logits, dets["labels"][:, None, None, None], axis=-1)
-      probs = paste_masks(jax.nn.sigmoid(own[..., 0]), dets["boxes"], height, width)
-      inside = ((jnp.arange(height) < image_shape[0])[:, None]
-                & (jnp.arange(width) < image_shape[1])[None, :])
-      real = jnp.arange(cfg["max_per_img"]) < dets["num"]
-      masks = (probs >= cfg["mask_thr_binary"]) & inside & real[:, None, None]
-      return {**dets, "masks": masks}
+      return {**dets, "mask_probs": jax.nn.sigmoid(own[..., 0].astype(jnp.float32))}
 
-    # One image at a time: the RoI stages' temporaries scale with the RoIs, not the batch.
-    return jax.lax.map(lambda args: one_image(*args),
-                       (maps, props["boxes"], props["num"], image_shapes))
+    # vmap, not a loop over the images: the batch may be sharded over devices, and a
+    # loop over a sharded axis would gather every image onto every device.
+    return jax.vmap(one_image)(maps, props["boxes"], props["num"], image_shapes, originals)
+
+  def __call__(self, images: jax.Array, image_shapes: jax.Array | None = None, *,
+               original_shapes: jax.Array | None = None,
+               mask_shape: tuple[int, int] | None = None) -> dict[str, jax.Array]:
+    """Detections: ``boxes [N, K, 4]``, ``scores [N, K]``, ``labels [N, K]``, ``masks
+    [N, K, H, W]`` (bool) and ``num [N]``, ``K`` the test configuration's
+    ``rcnn.max_per_img``: the real detections first, by score, padding zero.
+    ``image_shapes [N, 2]`` gives each image's unpadded ``(height, width)`` (default: the
+    input size); boxes are clipped to it and masks are empty beyond it.
+
+    ``original_shapes [N, 2]``: the ``(height, width)`` each image had before it was
+    resized to ``image_shapes`` (mmdet's ``rescale=True``): boxes come back in the
+    original images' coordinates (divided by the resize factors before the NMS) and
+    masks are pasted at the original size, on a ``mask_shape`` canvas (static; default:
+    the input size) that must hold every original image.
+    """
+    image_shapes = self._image_shapes(images, image_shapes)
+    dets = self.detections(images, image_shapes, original_shapes=original_shapes)
+    outer = image_shapes if original_shapes is None else jnp.asarray(original_shapes)
+    height, width = mask_shape or images.shape[1:3]
+    cfg = self.test_cfg["rcnn"]
+
+    def paste(probs, boxes, num, shape):
+      inside = ((jnp.arange(height) < shape[0])[:, None]
+                & (jnp.arange(width) < shape[1])[None, :])
+      real = jnp.arange(cfg["max_per_img"]) < num
+      pasted = paste_masks(probs, boxes, height, width) >= cfg["mask_thr_binary"]
+      return pasted & inside & real[:, None, None]
+
+    masks = jax.vmap(paste)(dets.pop("mask_probs"), dets["boxes"], dets["num"], outer)
+    return {**dets, "masks": masks}
 
 
 def create_detector(name: str = "mask_rcnn_internimage_t", *, num_classes: int = 80,
-                    rngs: nnx.Rngs | None = None, backbone: Mapping[str, Any] | None = None,
+                    rngs: nnx.Rngs | None = None, pretrained: Any = None,
+                    backbone: Mapping[str, Any] | None = None,
                     neck: Mapping[str, Any] | None = None,
                     rpn_head: Mapping[str, Any] | None = None,
                     roi_head: Mapping[str, Any] | None = None,
-                    test_cfg: Mapping[str, Any] | None = None, dtype: Dtype = None,
+                    test_cfg: Mapping[str, Any] | None = None,
+                    train_cfg: Mapping[str, Any] | None = None, dtype: Dtype = None,
                     param_dtype: Dtype = jnp.float32) -> MaskRCNN:
   """Builds an official Mask R-CNN (``"mask_rcnn_internimage_t"``, ``_s``, ``_b``).
 
   ``backbone`` overrides :class:`InternImage`'s options; ``neck``, ``rpn_head``,
-  ``roi_head`` and ``test_cfg`` take mmdet's own config keys (without ``type``), merged
+  ``roi_head``, ``test_cfg`` and ``train_cfg`` (the losses' samplers and training
+  proposals) take mmdet's own config keys (without ``type``), merged
   recursively into the official configuration, e.g. ``roi_head=dict(bbox_roi_extractor=
   dict(finest_scale=16), bbox_head=dict(fc_out_channels=64))``. The neck's input channels
   follow the backbone, and the heads' input channels the neck, unless given.
+
+  ``pretrained`` (a str or ``os.PathLike``) loads a whole Mask R-CNN checkpoint, strictly
+  (``num_classes`` and the options must be the checkpoint's): a published COCO one by tag
+  (``"coco_1x"``, ``"coco_3x"``: 80 classes; ``internimage_jax.pretrained.PUBLISHED``) or
+  a path (mmdet ``.pth``, ``.safetensors``, converted directory).
   """
   if name not in DETECTORS:
     raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}")
+  if pretrained is not None:
+    from internimage_jax import pretrained as hub
+
+    entry = hub.entry_of(pretrained, name.removeprefix("mask_rcnn_"))
+    if entry is not None and entry.holds != "detector":  # refused before any download
+      raise ValueError(f"create_detector: pretrained {pretrained!r} is a {entry.holds}'s "
+                       f"checkpoint ({entry.filename}); the Mask R-CNN's are "
+                       f"{hub.tags_holding(name.removeprefix('mask_rcnn_'), 'detector')}")
   for option in ("num_classes", "use_clip_projector", "features_only"):
     if option in (backbone or {}):
       raise ValueError(f"create_detector: {option} is not an option of the detection "
@@ -219,6 +269,14 @@ def create_detector(name: str = "mask_rcnn_internimage_t", *, num_classes: int =
     roi_base[part]["in_channels"] = width
   roi_cfg = merge(roi_base, roi_head, "roi_head")
   test = merge(TEST_CFG, test_cfg, "test_cfg")
+  train = merge(TRAIN_CFG, train_cfg, "train_cfg")
+  for stage in ("rpn", "rcnn"):
+    sampler = train[stage]["sampler"]
+    if sampler["num"] < 1 or not 0 < sampler["pos_fraction"] <= 1:
+      raise ValueError(f"create_detector: train_cfg.{stage}.sampler needs num >= 1 and "
+                       f"0 < pos_fraction <= 1, got {sampler}")
+  if train["rpn_proposal"]["max_per_img"] < 1:
+    raise ValueError("create_detector: train_cfg.rpn_proposal.max_per_img must be positive")
   for part, head in (("bbox_roi_extractor", "bbox_head"), ("mask_roi_extractor", "mask_head")):
     if roi_cfg[part]["out_channels"] != roi_cfg[head]["in_channels"]:
       raise ValueError(f"create_detector: roi_head.{part}.out_channels "
@@ -240,13 +298,23 @@ def create_detector(name: str = "mask_rcnn_internimage_t", *, num_classes: int =
   if list(anchors["scales"]) != [8] or list(anchors["ratios"]) != [0.5, 1.0, 2.0]:
     raise ValueError("create_detector: only the official anchors (scales [8], ratios "
                      "[0.5, 1.0, 2.0]) are supported")
+  if pretrained is not None:  # downloaded (once) before a network is built
+    path, _ = hub.resolve(pretrained, name.removeprefix("mask_rcnn_"))
+    if not path.exists():
+      raise FileNotFoundError(f"create_detector: checkpoint not found: {path}")
   rngs = rngs if rngs is not None else nnx.Rngs(0)
   common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   net = InternImage(features_only=True, num_classes=0, **common, **options)
   fpn = FPN(neck_cfg["in_channels"], neck_cfg["out_channels"], neck_cfg["num_outs"], **common)
   rpn = RPNHead(rpn_cfg["in_channels"], rpn_cfg["feat_channels"], num_anchors=3, **common)
   heads = RoIHead(roi_cfg, num_classes, **common)
-  return MaskRCNN(net, fpn, rpn, heads, anchor_strides=anchors["strides"], test_cfg=test)
+  det = MaskRCNN(net, fpn, rpn, heads, anchor_strides=anchors["strides"], test_cfg=test,
+                 train_cfg=train)
+  if pretrained is not None:
+    from internimage_jax import convert
+
+    convert.load_checkpoint(det, path)  # strict: every key, no extra, every shape
+  return det
 
 
 def detector_loss(det: MaskRCNN, images: jax.Array, targets: dict[str, jax.Array],
@@ -281,8 +349,18 @@ def detector_loss(det: MaskRCNN, images: jax.Array, targets: dict[str, jax.Array
   head = det.roi_head
   classes = head.bbox_head.num_classes
   mask_slots = int(rcnn_sampler["num"] * rcnn_sampler["pos_fraction"])  # positives at most
-  keys = (jax.random.split(key, batch) if key is not None
-          else jnp.zeros((batch,), jnp.uint32))  # unused with fixed samples
+  if key is None:
+    keys = jnp.zeros((batch,), jnp.uint32)  # unused with fixed samples
+  elif not jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+    raise ValueError("MaskRCNN.loss: key must be a typed key (jax.random.key), or one per "
+                     f"image [N]; got {jnp.asarray(key).dtype} {jnp.shape(key)}")
+  elif jnp.shape(key) == (batch,):  # one key per image (so micro-batches sample as the batch)
+    keys = key
+  elif jnp.shape(key) == ():
+    keys = jax.random.split(key, batch)
+  else:
+    raise ValueError(f"MaskRCNN.loss: key must be one key or one per image [{batch}], got "
+                     f"shape {jnp.shape(key)}")
 
   def one_image(args):
     (maps_i, logit, delta, boxes, num, gt, labels, masks, num_gt, shape, key_i,
@@ -336,8 +414,11 @@ def detector_loss(det: MaskRCNN, images: jax.Array, targets: dict[str, jax.Array
   args = (maps, flat_logits, flat_deltas, props["boxes"], props["num"],
           jnp.asarray(targets["boxes"]), jnp.asarray(targets["labels"]),
           jnp.asarray(targets["masks"]), jnp.asarray(targets["num"]), image_shapes, keys, fixed)
+  # vmap, not lax.map: XLA:CPU runs the gradient of a convolution inside a loop ~12x
+  # slower than batched (the mask head's), and training holds every image's activations
+  # for the backward pass anyway.
   (rpn_cls, rpn_bbox, rpn_count, cls, bbox, rcnn_count, mask, mask_count) = (
-      jnp.sum(t) for t in jax.lax.map(one_image, args))
+      jnp.sum(t) for t in jax.vmap(one_image)(args))
   eps = losses.EPS
   return {"loss_rpn_cls": rpn_cls / (rpn_count + eps),
           "loss_rpn_bbox": rpn_bbox / (rpn_count + eps),

@@ -78,7 +78,7 @@ class Shared2FCBBoxHead(nnx.Module):
 
 def detect(proposals: jax.Array, num: jax.Array, logits: jax.Array, deltas: jax.Array,
            image_shape: jax.Array, *, score_thr: float = 0.05, iou_threshold: float = 0.5,
-           max_per_img: int = 100) -> dict[str, jax.Array]:
+           max_per_img: int = 100, scale: jax.Array | None = None) -> dict[str, jax.Array]:
   """mmdet's box-head test for one image: softmax scores, per-class decoding (RoI coder,
   clipped), candidates with score strictly above ``score_thr``, NMS per class, the best
   ``max_per_img`` by score. ``proposals [R, 4]`` with ``num`` real ones. Scores and
@@ -86,7 +86,9 @@ def detect(proposals: jax.Array, num: jax.Array, logits: jax.Array, deltas: jax.
   class over all ``R`` proposals, which holds ``C x R`` flags, not ``C x R x R`` IoUs.
 
   Returns ``boxes [K, 4]``, ``scores [K]``, ``labels [K]`` and ``num``, ``K =
-  max_per_img``, padding after ``num`` zero.
+  max_per_img``, padding after ``num`` zero. ``scale`` ``(w, h)``: mmdet's ``rescale``:
+  the clipped boxes are divided by the image's resize factors before the NMS, so they
+  are in the original image's coordinates.
   """
   if max_per_img < 1:
     raise ValueError(f"detect: max_per_img must be positive, got {max_per_img}")
@@ -95,6 +97,8 @@ def detect(proposals: jax.Array, num: jax.Array, logits: jax.Array, deltas: jax.
   r, classes = logits.shape[0], logits.shape[1] - 1
   probs = jax.nn.softmax(logits, axis=-1)[:, :classes]  # [R, C]
   boxes = decode(proposals[:, None, :], deltas.reshape(r, classes, 4), image_shape, RCNN_STDS)
+  if scale is not None:
+    boxes = boxes / jnp.tile(scale.astype(dtype), 2)
   real = jnp.arange(r) < num
   candidate = (probs > score_thr) & real[:, None]
 

@@ -17,8 +17,7 @@ from internimage_jax.models.segmentation import inference
 from internimage_jax.training import batch_augment, optim
 from internimage_jax.training.segmentation import sources, transforms
 from internimage_jax.training.sources import Record
-from internimage_jax.training.errors import TrainingError
-from internimage_jax.training.tasks import Task, init_from_error, load_weights
+from internimage_jax.training.tasks import Task, load_system_init
 
 
 class _TrainExample:
@@ -169,49 +168,6 @@ class Segmentation(Task):
     """A segmentation checkpoint (``backbone.*``, ``decode_head.*``, ...) loads whole (a
     ``conv_seg`` of another class count keeps its initialisation); any other file is a
     classification checkpoint that initialises the backbone, as the original's
-    ``init_cfg``: its classifier is not used and the backbone's segmentation-only
-    parameters (T's layer scale) keep their initialisation, both reported."""
-    from pathlib import Path
-
-    from internimage_jax import convert
-
-    if Path(path).is_dir() and convert.train_run_step(path) is None:
-      # a converted (orbax) directory of this very model
-      load_weights(model, path)
-      return []
-    try:
-      state_dict = convert.read_state_dict(path)
-    except (OSError, ValueError) as e:
-      raise init_from_error(e) from e
-    if any(k.startswith(_SEGMENTOR_PARTS) for k in state_dict):
-      report = load_weights(model, path, state_dict)
-      problems = report.missing + report.unexpected + [
-          m for m in report.mismatched if ".conv_seg." not in m.split(":")[0]]
-      if problems:
-        raise TrainingError(f"config.init_from {path} does not fit the segmentor: "
-                            + ", ".join(sorted(problems)[:20]))
-      return [f"init_from: classifier re-initialised ({', '.join(report.mismatched)})"
-              ] if report.mismatched else []
-    report = load_weights(model.backbone, path, state_dict)
-    if report.mismatched:
-      raise TrainingError(f"config.init_from {path} does not fit the backbone: "
-                          + ", ".join(report.mismatched[:20]))
-    loaded = len(convert.state_dict_keys(model.backbone)) - len(report.missing)
-    if loaded == 0:
-      raise TrainingError(f"config.init_from {path} holds no weight of the backbone")
-    lines = [f"init_from: backbone initialised from {path} ({loaded} entries)"]
-    if report.missing:
-      lines.append(f"  kept at their initialisation ({len(report.missing)}): "
-                   + _listed(report.missing))
-    if report.unexpected:
-      lines.append(f"  in the file, not used ({len(report.unexpected)}): "
-                   + _listed(report.unexpected))
-    return lines
-
-
-_SEGMENTOR_PARTS = ("backbone.", "decode_head.", "auxiliary_head.")
-
-
-def _listed(keys: list[str], shown: int = 8) -> str:
-  return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown
-                                    else "")
+    ``init_cfg`` (``tasks.load_system_init``)."""
+    return load_system_init(model, path, ("backbone.", "decode_head.", "auxiliary_head."),
+                            (".conv_seg.",), "segmentor")
