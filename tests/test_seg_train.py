@@ -49,6 +49,7 @@ STEPWISE = ["--config.train.steps=12", "--config.log_every_steps=1",
             "--config.eval_every_steps=1000", "--config.checkpoint.every_steps=4"]
 
 
+@pytest.mark.slow  # CI time; the same trainer path: test_det_train, test_reliability
 def test_a_killed_segmentation_run_resumes_with_the_same_losses(tmp_path):
   reference = tmp_path / "reference"
   run_seg(reference, *STEPWISE)
@@ -73,6 +74,7 @@ def test_a_killed_segmentation_run_resumes_with_the_same_losses(tmp_path):
     assert got[step] == pytest.approx(loss, rel=1e-6), step
 
 
+@pytest.mark.slow  # CI time; a dense task on a mesh: test_det_train's resume on 2 devices
 def test_eight_fake_devices_match_one_for_segmentation(tmp_path):
   """Data 2 x fsdp 4: the batch statistics are over the global batch (the recipes'
   SyncBN), so the losses are one device's; evaluation gathers the same counts."""

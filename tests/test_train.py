@@ -148,6 +148,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # CI time; two processes restoring onto another mesh: test_multiprocess
 def test_two_processes_preempted_together_then_match_one(tmp_path):
   """jax.distributed on localhost: 2 processes x 2 devices = 1 process x 4 devices, with
   a SIGTERM to process 0 only: both save the same step, exit 143, and resume."""
